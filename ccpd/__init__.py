@@ -1,0 +1,1 @@
+"""ccpd: a local gateway between Anthropic Messages API clients and upstream lanes."""

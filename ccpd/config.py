@@ -1,0 +1,384 @@
+"""ccpd configuration: etc/ccp.ini plus ``CCP_*`` overrides, validated into frozen dataclasses.
+
+Every section and key is declared in one table; anything else, and any bad value, is a
+:class:`ConfigError` naming the file, the section and the key (or the environment variable).
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+REROUTE_MODES = ("preemptive", "run2cap", "hybrid")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator who has to fix it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "tcp:8787:interface=127.0.0.1"
+    admin_token: str = ""
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LaneAuth:
+    """How a lane authenticates: ``passthrough``, or a key from an environment variable."""
+
+    kind: str = "passthrough"  # passthrough | env | bearer-env
+    env_var: str | None = None
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    name: str
+    base_url: str
+    auth: LaneAuth = LaneAuth()
+    probe_path: str = "/v1/models"
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    reset_tz: str = "+00:00"
+    max_connections: int = 128
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a model goes: its preferred lane and, optionally, a secondary lane and model."""
+
+    model: str
+    lane: str
+    secondary_lane: str | None = None
+    secondary_model: str | None = None  # None: keep the requested model
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    default_lane: str = "anthropic"
+    reroute_mode: str = "hybrid"
+    cooldown_sec: float = 300.0
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    dir: str = "logs"
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
+    json_log: bool = False
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    persist: bool = True
+    path: str = "logs/ccp.sqlite3"
+    rollup_interval: float = 300.0
+    retention_days: int = 30
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    sample_minutes: float = 60.0
+    probe_results: str = "results/GLM_LIMIT_PROBE.md"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    server: ServerConfig
+    lanes: Mapping[str, LaneConfig]
+    routing: RoutingConfig
+    routes: Mapping[str, Route]
+    quotas_file: str
+    logs: LogsConfig
+    store: StoreConfig
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def route_for(self, model: str | None) -> Route:
+        """The route of ``model``: its ``[routes]`` entry (exact name) or the default lane."""
+        route = self.routes.get(model) if model is not None else None
+        return route or Route(model=model or "", lane=self.routing.default_lane)
+
+
+# -- value parsers: each takes the raw string and returns a value or raises ValueError ----------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``30s``, ``5m``, ``1h``, ``2d`` or a plain number of seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (use 30s, 5m, 1h, 2d or seconds)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"{value} is below the minimum of {minimum}")
+        return value
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{text!r} must be a positive number")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return value
+
+
+_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
+             "0": False, "no": False, "false": False, "off": False}
+
+
+def _bool(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{text!r} is not a boolean (use true/false, yes/no, 1/0)") from None
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _base_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text!r} must not carry a query or fragment")
+    return text.strip().rstrip("/")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _auth(text: str) -> LaneAuth:
+    text = text.strip()
+    if text == "passthrough":
+        return LaneAuth()
+    kind, _, var = text.partition(":")
+    if kind in ("env", "bearer-env") and _ENV_NAME.match(var):
+        return LaneAuth(kind=kind, env_var=var)
+    raise ValueError(f"{text!r} is not passthrough, env:VAR or bearer-env:VAR")
+
+
+def _path(text: str) -> str:
+    text = text.strip()
+    if not text.startswith("/"):
+        raise ValueError(f"{text!r} must start with /")
+    return text
+
+
+_TZ = re.compile(r"^([+-])(\d{2}):(\d{2})$")
+
+
+def _tz_offset(text: str) -> str:
+    match = _TZ.match(text.strip())
+    if not match or int(match.group(2)) > 14 or int(match.group(3)) > 59:
+        raise ValueError(f"{text!r} is not a UTC offset like +08:00")
+    return text.strip()
+
+
+def _reroute_mode(text: str) -> str:
+    text = text.strip().lower()
+    if text not in REROUTE_MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(REROUTE_MODES)}")
+    return text
+
+
+# section -> key -> (parser, environment variable or None). "lane:*" applies to every lane.
+_KEYS: dict[str, dict[str, tuple[Callable[[str], object], str | None]]] = {
+    "server": {
+        "listen": (_non_empty, "CCP_LISTEN"),
+        "admin_token": (_text, None),
+        "max_body_bytes": (_int(1), None),
+    },
+    "lane:*": {
+        "base_url": (_base_url, None),
+        "auth": (_auth, None),
+        "probe_path": (_path, None),
+        "connect_timeout_s": (_positive_number, None),
+        "idle_timeout_s": (_positive_number, None),
+        "reset_tz": (_tz_offset, None),
+        "max_connections": (_int(1), None),
+    },
+    "routing": {
+        "default_lane": (_non_empty, None),
+        "reroute_mode": (_reroute_mode, "CCP_REROUTE_MODE"),
+        "cooldown_sec": (parse_duration, "CCP_QUOTA_COOLDOWN_SEC"),
+    },
+    "quotas": {"file": (_non_empty, None)},
+    "logs": {
+        "dir": (_non_empty, None),
+        "max_bytes": (_int(1024), None),
+        "backups": (_int(0), None),
+        "json_log": (_bool, None),
+    },
+    "store": {
+        "persist": (_bool, "CCP_PERSIST"),
+        "path": (_non_empty, "CCP_DB_PATH"),
+        "rollup_interval": (_positive_duration, "CCP_ROLLUP_INTERVAL"),
+        "retention_days": (_int(1), "CCP_ROLLUP_RETENTION_DAYS"),
+    },
+    "calibration": {
+        "sample_minutes": (_positive_number, "CCP_CAL_SAMPLE_MINUTES"),
+        "probe_results": (_non_empty, None),
+    },
+}
+_REQUIRED = {"lane:*": ("base_url",)}
+DEFAULT_QUOTAS_FILE = "etc/quotas.json"
+
+
+class _Reader:
+    """Pulls typed values out of the parsed INI, naming the source of every error."""
+
+    def __init__(self, source: str, parser: configparser.ConfigParser, environ: Mapping[str, str]):
+        self.source = source
+        self.parser = parser
+        self.environ = environ
+
+    def fail(self, section: str, key: str | None, problem: str) -> ConfigError:
+        where = f"[{section}]" if key is None else f"[{section}] {key}"
+        return ConfigError(f"{self.source}: {where}: {problem}")
+
+    def section(self, section: str, table: str | None = None) -> dict[str, object]:
+        """The parsed values present in ``section`` (environment overrides applied)."""
+        keys = _KEYS[table or section]
+        values: dict[str, object] = {}
+        raw = dict(self.parser[section]) if self.parser.has_section(section) else {}
+        for key in raw:
+            if key not in keys:
+                raise self.fail(section, key, f"unknown key (allowed: {', '.join(keys)})")
+        for key, (parse, env_var) in keys.items():
+            if env_var and env_var in self.environ:
+                text, origin = self.environ[env_var], f"environment variable {env_var}"
+            elif key in raw:
+                text, origin = raw[key], None
+            else:
+                if key in _REQUIRED.get(table or section, ()):
+                    raise self.fail(section, key, "missing (required)")
+                continue
+            try:
+                values[key] = parse(text)
+            except ValueError as e:
+                if origin:
+                    raise ConfigError(
+                        f"{origin} (overrides {self.source} [{section}] {key}): {e}") from None
+                raise self.fail(section, key, str(e)) from None
+        return values
+
+
+def _routes(reader: _Reader, lanes: Mapping[str, LaneConfig]) -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+    if not reader.parser.has_section("routes"):
+        return routes
+    for model, spec in reader.parser["routes"].items():
+        preferred, _, secondary = (part.strip() for part in spec.partition(","))
+        if not preferred:
+            raise reader.fail("routes", model, "needs a lane: model = lane [, lane/model]")
+        if preferred not in lanes:
+            raise reader.fail("routes", model, f"no lane named {preferred!r}")
+        secondary_lane = secondary_model = None
+        if secondary:
+            secondary_lane, _, secondary_model = (p.strip() for p in secondary.partition("/"))
+            if secondary_lane not in lanes:
+                raise reader.fail("routes", model, f"no lane named {secondary_lane!r}")
+            secondary_model = secondary_model or None
+        routes[model] = Route(model, preferred, secondary_lane, secondary_model)
+    return routes
+
+
+def _make_parser() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        delimiters=("=",),
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=("#", ";"),
+        empty_lines_in_values=False,
+        default_section="\0no-defaults",  # a [DEFAULT] section would leak keys into every other
+    )
+    parser.optionxform = str  # model names in [routes] are case-sensitive
+    return parser
+
+
+def config_from_string(text: str, source: str = "<string>",
+                       environ: Mapping[str, str] | None = None,
+                       check_files: bool = True) -> Config:
+    """Parse and validate INI ``text``; ``source`` names it in errors."""
+    parser = _make_parser()
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {e.message.strip()}") from None
+    reader = _Reader(source, parser, os.environ if environ is None else environ)
+
+    for section in parser.sections():
+        if section not in _KEYS and not (section.startswith("lane:") and section[5:].strip()) \
+                and section != "routes":
+            allowed = ", ".join(sorted(set(_KEYS) - {"lane:*"}) + ["lane:NAME", "routes"])
+            raise reader.fail(section, None, f"unknown section (allowed: {allowed})")
+
+    lanes: dict[str, LaneConfig] = {}
+    for section in parser.sections():
+        if section.startswith("lane:"):
+            name = section[5:].strip()
+            lanes[name] = LaneConfig(name=name, **reader.section(section, "lane:*"))
+
+    routing = RoutingConfig(**reader.section("routing"))
+    if routing.default_lane not in lanes:
+        raise reader.fail("routing", "default_lane", f"no lane named {routing.default_lane!r}"
+                          f" (lanes: {', '.join(lanes) or 'none'})")
+
+    quotas_file = str(reader.section("quotas").get("file", DEFAULT_QUOTAS_FILE))
+    if check_files and not os.path.isfile(quotas_file):
+        raise reader.fail("quotas", "file", f"{quotas_file} does not exist")
+
+    return Config(
+        source=source,
+        server=ServerConfig(**reader.section("server")),
+        lanes=lanes,
+        routing=routing,
+        routes=_routes(reader, lanes),
+        quotas_file=quotas_file,
+        logs=LogsConfig(**reader.section("logs")),
+        store=StoreConfig(**reader.section("store")),
+        calibration=CalibrationConfig(**reader.section("calibration")),
+    )
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the INI file at ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    return config_from_string(text, source=path, environ=environ)

@@ -1,0 +1,194 @@
+"""Upstream lanes: where a request goes, which headers it carries there, and the HTTP client
+and persistent connection pool each lane owns (closed when the service stops).
+
+Also the readiness probe: a GET of each lane's ``probe_path``, where any answer from 200 to 405
+counts as up ("provider policy": an unauthenticated probe that gets 401 still proves the lane
+answers), cached briefly so that frequent ``/readyz`` checks never hammer a provider.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from treq.client import HTTPClient
+
+from ccpd.config import LaneConfig
+
+log = Logger()
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those Twisted computes itself per connection.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+})
+_CLIENT_CREDENTIALS = (b"x-api-key", b"authorization")
+
+PROBE_CACHE_SECONDS = 10.0
+
+
+class MissingCredential(Exception):
+    """A lane whose key comes from an environment variable that is not set."""
+
+
+def forwardable(headers: Headers, extra_drop: frozenset[bytes] = frozenset()):
+    """Yield (name, values) of the end-to-end headers in ``headers``."""
+    connection_tokens = {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in connection_tokens or lower in extra_drop:
+            continue
+        yield name, values
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    lane: str
+    up: bool
+    status: int | None
+    error: str | None
+    checked_at: float
+
+
+class Lane:
+    """One upstream provider: its URL, its credentials rule and its own connection pool."""
+
+    def __init__(self, config: LaneConfig, reactor, environ: Mapping[str, str] = os.environ):
+        self.config = config
+        self.name = config.name
+        self._reactor = reactor
+        self._base = config.base_url.encode("ascii")
+        self.api_key: str | None = None
+        if config.auth.env_var:
+            self.api_key = environ.get(config.auth.env_var) or None
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = config.max_connections
+        self.client = HTTPClient(
+            Agent(reactor, connectTimeout=config.connect_timeout_s, pool=self.pool))
+        self._probe_waiters: list[defer.Deferred] | None = None
+        self.last_probe: ProbeResult | None = None
+
+    @property
+    def upstream(self) -> str:
+        """The lane's base URL, as recorded in usage lines (it never carries credentials)."""
+        return self.config.base_url
+
+    def url(self, path_and_query: bytes) -> bytes:
+        return self._base + path_and_query
+
+    def upstream_headers(self, client_headers: Headers) -> Headers:
+        """The headers to send upstream: end-to-end client headers plus this lane's credentials.
+
+        ``accept-encoding`` is pinned to identity so that ccpd can read usage from the body
+        while passing the very bytes the upstream sent on to the client.
+        """
+        auth = self.config.auth
+        drop = frozenset(_CLIENT_CREDENTIALS) if auth.kind != "passthrough" else frozenset()
+        headers = Headers()
+        for name, values in forwardable(client_headers, drop | {b"accept-encoding"}):
+            headers.setRawHeaders(name, values)
+        headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        if auth.kind != "passthrough":
+            headers.setRawHeaders(*self._credential_header())
+        return headers
+
+    def _credential_header(self) -> tuple[bytes, list[bytes]]:
+        if self.api_key is None:
+            raise MissingCredential(
+                f"lane {self.name!r} has no credentials: "
+                f"environment variable {self.config.auth.env_var} is not set")
+        key = self.api_key.encode("latin-1")
+        if self.config.auth.kind == "bearer-env":
+            return b"authorization", [b"Bearer " + key]
+        return b"x-api-key", [key]
+
+    def probe(self) -> defer.Deferred:
+        """Fire with a :class:`ProbeResult`; recent results are reused, concurrent calls shared."""
+        now = self._reactor.seconds()
+        if self.last_probe and now - self.last_probe.checked_at < PROBE_CACHE_SECONDS:
+            return defer.succeed(self.last_probe)
+        waiter: defer.Deferred = defer.Deferred()
+        if self._probe_waiters is None:
+            self._probe_waiters = [waiter]
+            defer.ensureDeferred(self._run_probe())
+        else:
+            self._probe_waiters.append(waiter)
+        return waiter
+
+    async def _run_probe(self) -> None:
+        status = error = None
+        try:
+            headers = Headers({b"user-agent": [b"ccpd-readyz"]})
+            if self.config.auth.kind != "passthrough":
+                headers.setRawHeaders(*self._credential_header())
+            response = await self.client.get(
+                self.url(self.config.probe_path.encode("ascii")), headers=headers,
+                timeout=self.config.connect_timeout_s)
+            status = response.code
+            await response.collect(lambda _chunk: None)
+        except MissingCredential as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - any failure means "down", reported by kind
+            error = describe_failure(e)
+        up = status is not None and 200 <= status <= 405
+        if not up and error is None:
+            error = f"probe answered HTTP {status}"
+        result = ProbeResult(self.name, up, status, error, self._reactor.seconds())
+        if self.last_probe is None or self.last_probe.up != up:
+            log.info("lane {lane} is {state} ({detail})", lane=self.name,
+                     state="up" if up else "down", detail=error or f"HTTP {status}")
+        self.last_probe = result
+        waiters, self._probe_waiters = self._probe_waiters or [], None
+        for waiter in waiters:
+            waiter.callback(result)
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
+
+
+def describe_failure(error: BaseException) -> str:
+    """A short, credential-free description of why an upstream request failed."""
+    reasons = getattr(error, "reasons", None)  # ResponseFailed / RequestTransmissionFailed
+    if reasons:
+        error = reasons[0].value
+    if isinstance(error, defer.CancelledError):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+class Lanes(service.Service):
+    """All configured lanes; closes their connection pools on stop."""
+
+    name = "lanes"
+
+    def __init__(self, configs: Mapping[str, LaneConfig], reactor,
+                 environ: Mapping[str, str] = os.environ):
+        self.by_name = {name: Lane(cfg, reactor, environ) for name, cfg in configs.items()}
+
+    def __getitem__(self, name: str) -> Lane:
+        return self.by_name[name]
+
+    def __iter__(self):
+        return iter(self.by_name.values())
+
+    def startService(self):
+        super().startService()
+        for lane in self:
+            if lane.config.auth.env_var and lane.api_key is None:
+                log.warn("lane {lane}: environment variable {var} is not set; requests routed "
+                         "to this lane will fail with 502", lane=lane.name,
+                         var=lane.config.auth.env_var)
+
+    def stopService(self):
+        super().stopService()
+        return defer.DeferredList([lane.close() for lane in self])

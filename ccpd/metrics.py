@@ -1,0 +1,63 @@
+"""Prometheus metrics of ccpd, on a registry of their own, and their text exposition.
+
+The exposition clamps negative values to 0 and skips NaN/Inf samples, so a bad computation
+upstream of a gauge can never produce a scrape that Prometheus or promtool rejects.
+"""
+from __future__ import annotations
+
+import math
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               ProcessCollector, generate_latest)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Latency buckets in seconds, from sub-millisecond (local fakes, count_tokens) to long streams.
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                     600)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
+
+
+class Metrics:
+    """Every metric ccpd exports."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.requests = Counter(
+            "ccp_requests", "Proxied requests by lane, requested model and HTTP status.",
+            ["lane", "model", "status"], registry=r)
+        self.tokens = Counter(
+            "ccp_tokens", "Tokens accounted by lane, requested model and kind "
+            "(input, output, cache_creation, cache_read).", ["lane", "model", "kind"], registry=r)
+        self.request_duration = Histogram(
+            "ccp_request_duration_seconds", "Time from request received to response finished.",
+            ["lane", "model"], buckets=_DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "ccp_ttft_seconds", "Time from request received to the first token (first content "
+            "delta of a stream, first body byte otherwise).", ["lane", "model"],
+            buckets=_TTFT_BUCKETS, registry=r)
+        self.lane_up = Gauge(
+            "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
+            ["lane"], registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(_Sanitised(self.registry))
+
+
+class _Sanitised:
+    """A collector view of a registry with negatives clamped and NaN/Inf samples dropped."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self):
+        for family in self._registry.collect():
+            family.samples = [
+                sample._replace(value=0.0) if sample.value < 0 else sample
+                for sample in family.samples
+                if not (math.isnan(sample.value) or math.isinf(sample.value))
+            ]
+            yield family

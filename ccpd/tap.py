@@ -1,0 +1,69 @@
+"""twistd entry point: ``twistd -n ccpd --config etc/ccp.ini`` builds the ccpd service tree.
+
+``makeService`` only wires; every service owns and releases its own resources.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ccpd.config import Config, ConfigError, load_config
+from ccpd.daemonlog import JsonLogService
+from ccpd.lanes import Lanes
+from ccpd.metrics import Metrics
+from ccpd.recorder import Recorder
+from ccpd.web.app import CcpdApp, CcpdSite
+
+log = Logger()
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", "etc/ccp.ini", "Path to the ccpd INI file."]]
+
+    def postOptions(self):
+        try:
+            self.loaded = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class CcpdService(service.MultiService):
+    """The whole daemon; ``app`` is kept for tests and in-process tools."""
+
+    def __init__(self, config: Config, app: CcpdApp):
+        super().__init__()
+        self.config = config
+        self.app = app
+
+    def startService(self):
+        log.info("ccpd starting: listen {listen}, lanes {lanes}, default lane {default}",
+                 listen=self.config.server.listen, lanes=", ".join(self.config.lanes),
+                 default=self.config.routing.default_lane)
+        super().startService()
+
+
+def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ) -> CcpdService:
+    metrics = Metrics()
+    lanes = Lanes(config.lanes, reactor, environ)
+    recorder = Recorder(config.logs, metrics, config.routing.reroute_mode)
+    app = CcpdApp(config, lanes, recorder, metrics, reactor)
+    top = CcpdService(config, app)
+    if config.logs.json_log:
+        JsonLogService(config.logs).setServiceParent(top)
+    lanes.setServiceParent(top)
+    recorder.setServiceParent(top)
+    site = CcpdSite(app.resource(), config.server.max_body_bytes, reactor=reactor)
+    top.web = strports.service(config.server.listen, site, reactor=reactor)
+    top.web.setServiceParent(top)
+    return top
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    config = getattr(options, "loaded", None) or load_config(options["config"])
+    return build_service(config, reactor)

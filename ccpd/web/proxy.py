@@ -1,0 +1,290 @@
+"""The proxy: forwards one client request to its lane and relays the answer chunk by chunk.
+
+Bytes go to the client as the upstream sends them (no buffering); usage is read from the same
+bytes on the way through. The usage line is written before the client's response is finished,
+and a client that goes away stops the upstream read at once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from uuid import uuid4
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
+from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
+                        usage_from_headers, usage_from_json)
+
+log = Logger()
+
+# A non-streaming body is kept (besides being relayed) only to read its usage; past this size
+# it cannot be a Messages answer worth parsing.
+_MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
+_CONTENT_LENGTH = frozenset({b"content-length"})
+
+
+def error_body(error_type: str, message: str) -> bytes:
+    """Anthropic's error shape."""
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}
+                      ).encode("utf-8")
+
+
+def error_response(request, status: int, error_type: str, message: str) -> bytes:
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    return error_body(error_type, message)
+
+
+def sse_error_event(error_type: str, message: str) -> bytes:
+    return b"event: error\ndata: " + error_body(error_type, message) + b"\n\n"
+
+
+@dataclass
+class Exchange:
+    """What happened to one client request, filled in as it goes."""
+
+    rid: str
+    started: float
+    op: str
+    model: str
+    stream: bool
+    lane: str = ""
+    upstream: str = ""
+    served_model: str = ""
+    status: int = 0
+    err_type: str | None = None
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    first_byte_at: float | None = None
+    first_token_at: float | None = None
+    last_byte_at: float | None = None
+    finished_at: float | None = None
+    anomalies: list[dict] = field(default_factory=list)
+
+    def anomaly(self, kind: str, detail: str, **extra) -> None:
+        self.anomalies.append({"kind": kind, "detail": detail, **extra})
+
+    def record(self, reroute_mode: str) -> UsageRecord:
+        def ms(start: float | None, end: float | None) -> int:
+            return 0 if start is None or end is None else max(0, round((end - start) * 1000))
+
+        return UsageRecord(
+            ts=self.started, rid=self.rid, model=self.model,
+            served_model=self.served_model or self.model, lane=self.lane, op=self.op,
+            stream=self.stream, status=self.status,
+            input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
+            cache_creation_input_tokens=self.usage.cache_creation_input_tokens,
+            cache_read_input_tokens=self.usage.cache_read_input_tokens,
+            ttft_ms=ms(self.started, self.first_token_at or self.first_byte_at),
+            stream_ms=ms(self.first_byte_at, self.last_byte_at),
+            dirty_ms=ms(self.started, self.finished_at),
+            err_type=self.err_type, upstream=self.upstream, reroute_mode=reroute_mode,
+        )
+
+
+class _Relay(Protocol):
+    """Receives an upstream body, handing each chunk on as it arrives.
+
+    ``done`` fires when the body ends. Cancelling it (Klein does, when the client goes away)
+    stops the upstream read; so does ``idle_timeout`` seconds without a byte.
+    """
+
+    def __init__(self, on_chunk, clock, idle_timeout: float):
+        self._on_chunk = on_chunk
+        self._idle_timeout = idle_timeout
+        self.timed_out = False
+        self.done: defer.Deferred = defer.Deferred(self._cancel)
+        self._idle = clock.callLater(idle_timeout, self._on_idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._idle.reset(self._idle_timeout)
+        self._on_chunk(data)
+
+    def connectionLost(self, reason) -> None:
+        if self._idle.active():
+            self._idle.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def _on_idle(self) -> None:
+        self.timed_out = True
+        self.transport.stopProducing()
+
+    def _cancel(self, _deferred) -> None:
+        if self._idle.active():
+            self._idle.cancel()
+        self.transport.stopProducing()
+
+
+class Proxy:
+    """Sends requests to lanes and relays their answers; records every exchange."""
+
+    def __init__(self, config, lanes, recorder, clock):
+        self.config = config
+        self.lanes = lanes
+        self.recorder = recorder
+        self.clock = clock
+
+    async def handle(self, request, op: str) -> bytes | None:
+        """Serve one proxied request. ``op``: messages, count_tokens or passthrough."""
+        started = self.clock.seconds()
+        if getattr(request, "body_too_large", False):
+            return error_response(
+                request, 413, "request_too_large",
+                f"request body exceeds {self.config.server.max_body_bytes} bytes")
+        body = request.content.read()
+        model, stream = "", False
+        if op != "passthrough":
+            try:
+                payload = json.loads(body)
+                if not isinstance(payload, dict):
+                    raise ValueError("the body must be a JSON object")
+            except ValueError as e:
+                return error_response(request, 400, "invalid_request_error",
+                                      f"request body is not valid JSON: {e}")
+            model = payload.get("model") if isinstance(payload.get("model"), str) else ""
+            stream = op == "messages" and payload.get("stream") is True
+            route = self.config.route_for(model)
+        else:
+            route = self.config.route_for(None)
+        exchange = Exchange(rid=uuid4().hex, started=started, op=op, model=model, stream=stream)
+        try:
+            result = await self.forward(request, self.lanes[route.lane], body, exchange)
+        except defer.CancelledError:
+            exchange.status, exchange.err_type = 499, "client_disconnected"
+            raise
+        finally:
+            exchange.finished_at = self.clock.seconds()
+            self.recorder.record(exchange)
+        return result
+
+    async def forward(self, request, lane: Lane, body: bytes, exchange: Exchange) -> bytes | None:
+        """Send the request to ``lane`` and relay its answer; a return value is ccpd's own."""
+        exchange.lane, exchange.upstream = lane.name, lane.upstream
+        try:
+            headers = lane.upstream_headers(request.requestHeaders)
+        except MissingCredential as e:
+            return self._failed(request, exchange, 502, "api_error", str(e))
+
+        sent = lane.client.request(
+            request.method.decode("ascii"), lane.url(request.uri), headers=headers,
+            data=body if body or request.method not in (b"GET", b"HEAD") else None,
+            unbuffered=True)
+        idle = lane.config.idle_timeout_s
+        timed_out = []
+        timer = self.clock.callLater(idle, lambda: (timed_out.append(True), sent.cancel()))
+        try:
+            response = await sent
+        except defer.CancelledError:
+            if not timed_out:
+                raise
+            return self._failed(request, exchange, 504, "timeout_error",
+                                f"lane {lane.name!r} sent no answer within {idle:g}s")
+        except Exception as e:  # noqa: BLE001 - every connection failure is a 502 to the client
+            return self._failed(request, exchange, 502, "api_error",
+                                f"lane {lane.name!r} could not be reached: {describe_failure(e)}")
+        finally:
+            if timer.active():
+                timer.cancel()
+        return await self._relay(request, lane, response, exchange)
+
+    async def _relay(self, request, lane: Lane, response, exchange: Exchange) -> bytes | None:
+        exchange.status = response.code
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        is_sse = content_type.lower().startswith(b"text/event-stream")
+        request.setResponseCode(response.code)
+        for name, values in forwardable(response.headers, _CONTENT_LENGTH if is_sse else frozenset()):
+            request.responseHeaders.setRawHeaders(name, values)
+
+        accountant = StreamAccountant() if is_sse else None
+        kept: list[bytes] | None = [] if not is_sse and exchange.op != "passthrough" else None
+        kept_size = 0
+        clock = self.clock
+
+        def on_chunk(data: bytes) -> None:
+            nonlocal kept_size
+            now = clock.seconds()
+            if exchange.first_byte_at is None:
+                exchange.first_byte_at = now
+            exchange.last_byte_at = now
+            request.write(data)
+            if accountant is not None:
+                accountant.feed(data)
+                if exchange.first_token_at is None and accountant.first_delta_seen:
+                    exchange.first_token_at = now
+            elif kept is not None and kept_size < _MAX_ACCOUNTED_BODY:
+                kept.append(data)
+                kept_size += len(data)
+
+        relay = _Relay(on_chunk, clock, lane.config.idle_timeout_s)
+        response.deliverBody(relay)
+        producing = not relay.done.called
+        if producing:
+            # Backpressure: a slow client pauses the upstream read instead of filling memory.
+            request.registerProducer(relay.transport, True)
+        try:
+            await relay.done
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the upstream went away or fell silent mid-body
+            error_type, message = (
+                ("timeout_error", f"lane {lane.name!r} sent nothing for "
+                                  f"{lane.config.idle_timeout_s:g}s")
+                if relay.timed_out else
+                ("api_error", f"lane {lane.name!r} broke off the response: "
+                              f"{describe_failure(e)}"))
+            exchange.err_type = error_type
+            exchange.anomaly("upstream_broken", message, status=response.code)
+            if not request.startedWriting:
+                request.responseHeaders = type(request.responseHeaders)()
+                return error_response(request, 504 if relay.timed_out else 502,
+                                      error_type, message)
+            if is_sse:
+                request.write(sse_error_event(error_type, message))
+            elif request.transport is not None:
+                # A truncated plain body cannot be marked as failed; closing the connection
+                # makes the client see the short read instead of a silently cut answer.
+                request.transport.abortConnection()
+        finally:
+            if producing and request.channel is not None:
+                request.unregisterProducer()
+
+        self._account_body(response, exchange, accountant, kept)
+        return None
+
+    def _account_body(self, response, exchange, accountant, kept) -> None:
+        header_usage = usage_from_headers(
+            {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+             for name, values in response.headers.getAllRawHeaders()
+             if name.lower().startswith(b"x-")})
+        if accountant is not None:
+            usage, served, error_type, anomaly = (accountant.usage, accountant.served_model,
+                                                  accountant.error_type, accountant.anomaly)
+        elif kept is not None:
+            usage, served, error_type, anomaly = usage_from_json(b"".join(kept))
+        else:
+            return
+        exchange.usage = merge_header_usage(usage, header_usage)
+        if served:
+            exchange.served_model = served
+        if error_type and not exchange.err_type:
+            exchange.err_type = error_type
+        if anomaly and exchange.status < 400:
+            exchange.anomaly("usage_unparseable", anomaly)
+        if exchange.status >= 400:
+            exchange.anomaly("upstream_error", error_type or f"HTTP {exchange.status}",
+                             status=exchange.status)
+
+    def _failed(self, request, exchange: Exchange, status: int, error_type: str,
+                message: str) -> bytes:
+        exchange.status, exchange.err_type = status, error_type
+        exchange.anomaly(error_type, message, status=status)
+        return error_response(request, status, error_type, message)
