@@ -16,6 +16,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 from treq.client import HTTPClient
 
 from ccpd.config import LaneConfig
@@ -72,8 +74,11 @@ class Lane:
             self.api_key = environ.get(config.auth.env_var) or None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections
-        self.client = HTTPClient(
-            Agent(reactor, connectTimeout=config.connect_timeout_s, pool=self.pool))
+        # The proxy path talks to the bare Agent: a gateway must not follow redirects, keep
+        # cookies or decode gzip the way treq's HTTPClient does for its callers. The treq client
+        # over the same Agent and pool serves ccpd's own calls (the readiness probe).
+        self.agent = Agent(reactor, connectTimeout=config.connect_timeout_s, pool=self.pool)
+        self.client = HTTPClient(self.agent)
         self._probe_waiters: list[defer.Deferred] | None = None
         self.last_probe: ProbeResult | None = None
 
@@ -84,6 +89,13 @@ class Lane:
 
     def url(self, path_and_query: bytes) -> bytes:
         return self._base + path_and_query
+
+    def request(self, method: bytes, path_and_query: bytes, headers: Headers,
+                body: bytes | None) -> defer.Deferred:
+        """Send one request on this lane's pool; fires with the response once its headers are
+        in (the body is read by whoever receives it). Cancelling it abandons the request."""
+        return self.agent.request(method, self.url(path_and_query), headers,
+                                  None if body is None else _BytesProducer(body))
 
     def upstream_headers(self, client_headers: Headers) -> Headers:
         """The headers to send upstream: end-to-end client headers plus this lane's credentials.
@@ -132,7 +144,7 @@ class Lane:
                 headers.setRawHeaders(*self._credential_header())
             response = await self.client.get(
                 self.url(self.config.probe_path.encode("ascii")), headers=headers,
-                timeout=self.config.connect_timeout_s)
+                timeout=self.config.connect_timeout_s, allow_redirects=False)
             status = response.code
             await response.collect(lambda _chunk: None)
         except MissingCredential as e:
@@ -153,6 +165,28 @@ class Lane:
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body already in memory, written in one go (with its content-length)."""
+
+    def __init__(self, body: bytes):
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer) -> defer.Deferred:
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def describe_failure(error: BaseException) -> str:

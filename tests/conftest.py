@@ -80,18 +80,19 @@ def _read_jsonl(path: str) -> list[dict]:
 
 @pytest.fixture
 def start_ccpd(tmp_path):
-    """Start ccpd in this process against the given upstream; stopped after the test."""
+    """Start ccpd in this process against the given upstream (``await start(url)``);
+    stopped after the test."""
     running = []
 
-    def start(upstream_url: str, extra: str = "", environ: dict | None = None,
-              zai_url: str | None = None) -> RunningCcpd:
+    async def start(upstream_url: str, extra: str = "", environ: dict | None = None,
+                    zai_url: str | None = None) -> RunningCcpd:
         text = ccpd_ini(tmp_path, upstream_url, extra, zai_url)
         config = config_from_string(text, source="test.ini", environ={})
         service = build_service(config, reactor, environ if environ is not None
                                 else {"ZAI_TEST_KEY": "zai-secret-key-123"})
         service.startService()
         running.append(service)
-        port = pytest_twisted.blockon(service.web._waitingForPort)
+        port = await service.web._waitingForPort
         return RunningCcpd(service, f"http://127.0.0.1:{port.getHost().port}",
                            str(tmp_path / "logs"))
 

@@ -53,7 +53,7 @@ MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 64,
 
 @pytest_twisted.ensureDeferred
 async def test_sdk_non_streaming_message_is_proxied_and_accounted(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     client = sdk(ccpd)
     message = await deferToThread(
         client.messages.create, **MESSAGE,
@@ -64,13 +64,14 @@ async def test_sdk_non_streaming_message_is_proxied_and_accounted(fake_upstream,
     assert (line["model"], line["lane"], line["op"], line["stream"], line["status"]) == \
         ("claude-sonnet-4-5", "anthropic", "messages", False, 200)
     assert (line["input_tokens"], line["output_tokens"]) == (42, 7)
-    # passthrough lane: the client's own key went upstream
-    assert fake_upstream.requests[-1].headers["x-api-key"] == SECRET
+    # passthrough lane: the client's own credentials went upstream (this SDK sends a bearer token)
+    sent = fake_upstream.requests[-1].headers
+    assert SECRET in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer "))
 
 
 @pytest_twisted.ensureDeferred
 async def test_sdk_stream_gets_every_event_and_usage_is_logged(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     client = sdk(ccpd)
 
     def run_stream():
@@ -96,7 +97,7 @@ async def test_sdk_stream_gets_every_event_and_usage_is_logged(fake_upstream, st
 
 @pytest_twisted.ensureDeferred
 async def test_stream_bytes_are_identical_to_the_upstream_bytes(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     body = {**MESSAGE, "stream": True}
     headers = {"x-fake-events": "25"}
     direct = await post(fake_upstream.url() + "/v1/messages", body, headers)
@@ -125,7 +126,7 @@ class _Collect(Protocol):
 @pytest_twisted.ensureDeferred
 async def test_events_reach_the_client_while_the_upstream_is_still_streaming(
         fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
                           {"x-fake-scenario": "hang-after-headers"}, unbuffered=True)
     reader = _Collect()
@@ -138,7 +139,7 @@ async def test_events_reach_the_client_while_the_upstream_is_still_streaming(
 
 @pytest_twisted.ensureDeferred
 async def test_query_string_and_header_rules(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await post(ccpd.url + "/v1/messages?beta=true", MESSAGE, {
         "x-fake-scenario": "echo", "anthropic-beta": "tools-2024", "connection": "x-drop-me",
         "x-drop-me": "1", "te": "trailers", "proxy-authorization": "Basic Zm9v"})
@@ -154,7 +155,7 @@ async def test_query_string_and_header_rules(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_env_lane_replaces_client_credentials(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "model": "glm-4.6"}, {
         "x-fake-scenario": "echo", "authorization": f"Bearer {SECRET}"})
     echoed = json.loads(await response.content())
@@ -167,7 +168,7 @@ async def test_env_lane_replaces_client_credentials(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_bearer_env_lane_sends_authorization(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url(), extra=(
+    ccpd = await start_ccpd(fake_upstream.url(), extra=(
         f"[lane:bearer]\nbase_url = {fake_upstream.url()}\nauth = bearer-env:ZAI_TEST_KEY\n"
         "[routing]\ndefault_lane = bearer\n"))
     response = await treq.get(ccpd.url + "/v1/models", headers={
@@ -179,7 +180,7 @@ async def test_bearer_env_lane_sends_authorization(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_count_tokens_and_other_paths(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     counted = await post(ccpd.url + "/v1/messages/count_tokens", MESSAGE,
                          {"x-fake-input-tokens": "77"})
     assert json.loads(await counted.content()) == {"input_tokens": 77}
@@ -192,7 +193,7 @@ async def test_count_tokens_and_other_paths(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_errors_pass_through_untouched(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     headers = {"x-fake-status": "429"}
     direct = await post(fake_upstream.url() + "/v1/messages", MESSAGE, headers)
     proxied = await post(ccpd.url + "/v1/messages", MESSAGE, headers)
@@ -214,7 +215,7 @@ async def error_of(response):
 
 @pytest_twisted.ensureDeferred
 async def test_non_json_body_is_400(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     assert await error_of(await post(ccpd.url + "/v1/messages", b"{nope")) == \
         (400, "invalid_request_error")
     assert await error_of(await post(ccpd.url + "/v1/messages", b"[1, 2]")) == \
@@ -224,7 +225,7 @@ async def test_non_json_body_is_400(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_oversized_body_is_413(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     big = json.dumps({**MESSAGE, "pad": "x" * 70000}).encode()
     assert await error_of(await post(ccpd.url + "/v1/messages", big)) == \
         (413, "request_too_large")
@@ -233,7 +234,7 @@ async def test_oversized_body_is_413(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_lane_is_502(start_ccpd):
-    ccpd = start_ccpd(f"http://127.0.0.1:{free_port()}")
+    ccpd = await start_ccpd(f"http://127.0.0.1:{free_port()}")
     response = await post(ccpd.url + "/v1/messages", MESSAGE)
     assert await error_of(response) == (502, "api_error")
     [line] = ccpd.usage_lines()
@@ -242,7 +243,7 @@ async def test_unreachable_lane_is_502(start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_silent_lane_is_504(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())  # idle_timeout_s = 2 in the test config
+    ccpd = await start_ccpd(fake_upstream.url())  # idle_timeout_s = 2 in the test config
     response = await post(ccpd.url + "/v1/messages", MESSAGE, {"x-fake-scenario": "hang"})
     assert await error_of(response) == (504, "timeout_error")
     await until(lambda: fake_upstream.cancelled == 1)
@@ -250,7 +251,7 @@ async def test_silent_lane_is_504(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_missing_lane_key_is_502_naming_the_variable(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url(), environ={})
+    ccpd = await start_ccpd(fake_upstream.url(), environ={})
     response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "model": "glm-4.6"})
     body = json.loads(await response.content())
     assert response.code == 502 and "ZAI_TEST_KEY is not set" in body["error"]["message"]
@@ -259,7 +260,7 @@ async def test_missing_lane_key_is_502_naming_the_variable(fake_upstream, start_
 
 @pytest_twisted.ensureDeferred
 async def test_stream_broken_mid_way_ends_with_an_error_event(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
                           {"x-fake-scenario": "die-mid-stream"})
     body = await response.content()
@@ -272,7 +273,7 @@ async def test_stream_broken_mid_way_ends_with_an_error_event(fake_upstream, sta
 
 @pytest_twisted.ensureDeferred
 async def test_stream_gone_silent_ends_with_a_timeout_event(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
                           {"x-fake-scenario": "hang-after-headers"})
     body = await response.content()
@@ -283,7 +284,7 @@ async def test_stream_gone_silent_ends_with_a_timeout_event(fake_upstream, start
 
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_cancels_the_upstream_request(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
                           {"x-fake-events": "1000", "x-fake-interval-ms": "20"}, unbuffered=True)
     reader = _Collect()
@@ -300,14 +301,14 @@ async def test_client_disconnect_cancels_the_upstream_request(fake_upstream, sta
 
 @pytest_twisted.ensureDeferred
 async def test_healthz(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     response = await treq.get(ccpd.url + "/healthz")
     assert response.code == 200 and json.loads(await response.content()) == {"status": "ok"}
 
 
 @pytest_twisted.ensureDeferred
 async def test_readyz_up_and_cached(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     first = await treq.get(ccpd.url + "/readyz")
     body = json.loads(await first.content())
     assert first.code == 200 and body["ready"] is True
@@ -323,7 +324,7 @@ async def test_readyz_up_and_cached(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_readyz_names_the_failing_lane(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url(), zai_url=f"http://127.0.0.1:{free_port()}")
+    ccpd = await start_ccpd(fake_upstream.url(), zai_url=f"http://127.0.0.1:{free_port()}")
     response = await treq.get(ccpd.url + "/readyz")
     body = json.loads(await response.content())
     assert response.code == 503 and body["failing"] == ["zai"]
@@ -335,7 +336,7 @@ async def test_readyz_names_the_failing_lane(fake_upstream, start_ccpd):
 @pytest_twisted.ensureDeferred
 async def test_readyz_counts_a_404_probe_as_up(fake_upstream, start_ccpd):
     # "Provider policy": any answer from 200 to 405 proves the lane is there.
-    ccpd = start_ccpd(fake_upstream.url(), extra="[lane:other]\nbase_url = "
+    ccpd = await start_ccpd(fake_upstream.url(), extra="[lane:other]\nbase_url = "
                       f"{fake_upstream.url()}\nprobe_path = /v1/no-such-thing\n")
     response = await treq.get(ccpd.url + "/readyz")
     body = json.loads(await response.content())
@@ -344,7 +345,7 @@ async def test_readyz_counts_a_404_probe_as_up(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_after_traffic(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     await (await post(ccpd.url + "/v1/messages", MESSAGE, {"x-fake-input-tokens": "5",
                                                            "x-fake-events": "3"})).content()
     response = await treq.get(ccpd.url + "/metrics")
@@ -359,5 +360,5 @@ async def test_metrics_after_traffic(fake_upstream, start_ccpd):
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_route_is_an_anthropic_shaped_404(fake_upstream, start_ccpd):
-    ccpd = start_ccpd(fake_upstream.url())
+    ccpd = await start_ccpd(fake_upstream.url())
     assert await error_of(await treq.get(ccpd.url + "/nope")) == (404, "not_found_error")

@@ -27,15 +27,18 @@ class CcpdRequest(server.Request):
     # No "text/html" stamped on bodies that came without a content type: we pass them through.
     defaultContentType = None
 
+    def _limit(self) -> int:
+        return self.channel.site.max_body_bytes  # self.site is only set once the body is in
+
     def gotLength(self, length):
-        if length is not None and length > self.site.max_body_bytes:
+        if length is not None and length > self._limit():
             self.body_too_large = True
             length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data):
         self._body_size += len(data)
-        if self._body_size > self.site.max_body_bytes:
+        if self._body_size > self._limit():
             self.body_too_large = True
         if not self.body_too_large:
             super().handleContentChunk(data)

@@ -174,21 +174,20 @@ class Proxy:
         except MissingCredential as e:
             return self._failed(request, exchange, 502, "api_error", str(e))
 
-        sent = lane.client.request(
-            request.method.decode("ascii"), lane.url(request.uri), headers=headers,
-            data=body if body or request.method not in (b"GET", b"HEAD") else None,
-            unbuffered=True)
+        sent = lane.request(
+            request.method, request.uri, headers,
+            body if body or request.method not in (b"GET", b"HEAD") else None)
         idle = lane.config.idle_timeout_s
         timed_out = []
         timer = self.clock.callLater(idle, lambda: (timed_out.append(True), sent.cancel()))
         try:
             response = await sent
-        except defer.CancelledError:
-            if not timed_out:
-                raise
-            return self._failed(request, exchange, 504, "timeout_error",
-                                f"lane {lane.name!r} sent no answer within {idle:g}s")
-        except Exception as e:  # noqa: BLE001 - every connection failure is a 502 to the client
+        except Exception as e:  # noqa: BLE001 - every failure to get an answer is ours to report
+            if timed_out:
+                return self._failed(request, exchange, 504, "timeout_error",
+                                    f"lane {lane.name!r} sent no answer within {idle:g}s")
+            if isinstance(e, defer.CancelledError) or request.channel is None:
+                raise defer.CancelledError() from e  # the client went away
             return self._failed(request, exchange, 502, "api_error",
                                 f"lane {lane.name!r} could not be reached: {describe_failure(e)}")
         finally:

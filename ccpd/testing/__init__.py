@@ -1,0 +1,1 @@
+"""Test and benchmark helpers shipped with ccpd (a loopback fake upstream)."""
