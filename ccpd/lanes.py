@@ -14,7 +14,7 @@ from typing import Mapping
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -74,6 +74,7 @@ class Lane:
             self.api_key = environ.get(config.auth.env_var) or None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections
+        self.pool._factory = _QuietClientFactory
         # The proxy path talks to the bare Agent: a gateway must not follow redirects, keep
         # cookies or decode gzip the way treq's HTTPClient does for its callers. The treq client
         # over the same Agent and pool serves ccpd's own calls (the readiness probe).
@@ -165,6 +166,12 @@ class Lane:
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """No "Starting factory" log line for every new upstream connection."""
+
+    noisy = False
 
 
 @implementer(IBodyProducer)
