@@ -9,6 +9,7 @@ import configparser
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta, timezone
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -44,6 +45,13 @@ class LaneConfig:
     idle_timeout_s: float = 300.0
     reset_tz: str = "+00:00"
     max_connections: int = 128
+
+    @property
+    def reset_tzinfo(self) -> timezone:
+        """``reset_tz`` as a tzinfo (the zone of wall-clock reset times in limit messages)."""
+        sign = -1 if self.reset_tz.startswith("-") else 1
+        hours, minutes = self.reset_tz.lstrip("+-").split(":")
+        return timezone(sign * timedelta(hours=int(hours), minutes=int(minutes)))
 
 
 @dataclass(frozen=True)

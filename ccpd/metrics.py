@@ -39,6 +39,18 @@ class Metrics:
             "ccp_ttft_seconds", "Time from request received to the first token (first content "
             "delta of a stream, first body byte otherwise).", ["lane", "model"],
             buckets=_TTFT_BUCKETS, registry=r)
+        self.quota_headroom = Gauge(
+            "ccp_quota_headroom_ratio", "Quota left in a model's window, 0-1 of its limit.",
+            ["model", "window"], registry=r)
+        self.preferred_attempt = Counter(
+            "ccp_preferred_attempt", "Requests sent to the preferred lane while the model's "
+            "quota was in warn or block state.", ["model", "lane"], registry=r)
+        self.rerouted = Counter(
+            "ccp_rerouted_on_limit", "Requests rerouted to the secondary lane because of a "
+            "quota, a limit answer or a cooldown.", ["model", "mode"], registry=r)
+        self.wasted_retry = Counter(
+            "ccp_wasted_retry_seconds", "Time spent on preferred attempts that ended in a limit "
+            "answer.", ["model"], registry=r)
         self.lane_up = Gauge(
             "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
             ["lane"], registry=r)

@@ -13,8 +13,10 @@ from twisted.python import usage
 
 from ccpd.config import Config, ConfigError, load_config
 from ccpd.daemonlog import JsonLogService
+from ccpd.governor import CalibrationSampler, Governor
 from ccpd.lanes import Lanes
 from ccpd.metrics import Metrics
+from ccpd.quotas import ModelQuota, QuotaError, load_quotas
 from ccpd.recorder import Recorder
 from ccpd.web.app import CcpdApp, CcpdSite
 
@@ -27,7 +29,8 @@ class Options(usage.Options):
     def postOptions(self):
         try:
             self.loaded = load_config(self["config"])
-        except ConfigError as e:
+            self.quotas = load_quotas(self.loaded.quotas_file)
+        except (ConfigError, QuotaError) as e:
             raise usage.UsageError(str(e)) from None
 
 
@@ -46,16 +49,22 @@ class CcpdService(service.MultiService):
         super().startService()
 
 
-def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ) -> CcpdService:
+def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ,
+                  quotas: dict[str, ModelQuota] | None = None) -> CcpdService:
+    """The service tree; ``quotas`` defaults to the quotas file of ``config``."""
     metrics = Metrics()
     lanes = Lanes(config.lanes, reactor, environ)
     recorder = Recorder(config.logs, metrics, config.routing.reroute_mode)
-    app = CcpdApp(config, lanes, recorder, metrics, reactor)
+    governor = Governor(config, load_quotas(config.quotas_file) if quotas is None else quotas,
+                        metrics, reactor)
+    app = CcpdApp(config, lanes, recorder, metrics, governor, reactor)
     top = CcpdService(config, app)
     if config.logs.json_log:
         JsonLogService(config.logs).setServiceParent(top)
     lanes.setServiceParent(top)
     recorder.setServiceParent(top)
+    CalibrationSampler(governor, config.calibration.sample_minutes * 60,
+                       clock=reactor).setServiceParent(top)
     site = CcpdSite(app.resource(), config.server.max_body_bytes, reactor=reactor)
     top.web = strports.service(config.server.listen, site, reactor=reactor)
     top.web.setServiceParent(top)
@@ -66,4 +75,4 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     config = getattr(options, "loaded", None) or load_config(options["config"])
-    return build_service(config, reactor)
+    return build_service(config, reactor, quotas=getattr(options, "quotas", None))

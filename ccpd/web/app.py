@@ -5,6 +5,7 @@ build one over fakes and drive it with ``StubTreq`` or a real listening port.
 """
 from __future__ import annotations
 
+import hmac
 import json
 
 from klein import Klein
@@ -13,6 +14,8 @@ from twisted.logger import Logger
 from twisted.web import server
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from ccpd.quotas import QuotaError
+from ccpd.usage import TokenUsage
 from ccpd.web.proxy import Proxy, error_response
 
 log = Logger()
@@ -58,15 +61,49 @@ class CcpdSite(server.Site):
         pass
 
 
+def _json(request, body: dict) -> bytes:
+    request.responseHeaders.setRawHeaders(b"content-type", _JSON)
+    return json.dumps(body).encode("utf-8")
+
+
+_SIM_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+               "cache_read_input_tokens")
+
+
+def _sim_request(body: bytes) -> dict:
+    """The checked body of ``POST /v1/usage/sim``; ValueError says what is wrong."""
+    try:
+        sim = json.loads(body)
+    except ValueError as e:
+        raise ValueError(f"body is not valid JSON: {e}") from None
+    if not isinstance(sim, dict) or not isinstance(sim.get("model"), str) or not sim["model"]:
+        raise ValueError('body must be an object with a "model" string')
+    unknown = set(sim) - {"model", "seconds", *_SIM_TOKENS}
+    if unknown:
+        raise ValueError(f"unknown field {sorted(unknown)[0]!r}")
+    tokens = {}
+    for name in _SIM_TOKENS:
+        value = sim.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number >= 0")
+        tokens[name] = value
+    seconds = sim.get("seconds", 0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not \
+            0 <= seconds < 1e7:
+        raise ValueError("seconds must be a number >= 0")
+    return {"model": sim["model"], "tokens": tokens, "seconds": float(seconds)}
+
+
 class CcpdApp:
     app = Klein()
 
-    def __init__(self, config, lanes, recorder, metrics, clock):
+    def __init__(self, config, lanes, recorder, metrics, governor, clock):
         self.config = config
         self.lanes = lanes
         self.metrics = metrics
+        self.governor = governor
         self.clock = clock
-        self.proxy = Proxy(config, lanes, recorder, clock)
+        self.proxy = Proxy(config, lanes, recorder, governor, clock)
 
     def resource(self):
         return self.app.resource()
@@ -85,6 +122,53 @@ class CcpdApp:
                                             "OPTIONS"])
     def passthrough(self, request, _rest):
         return self.proxy.handle(request, "passthrough")
+
+    # -- usage and quotas ----------------------------------------------------------------------------
+
+    @app.route("/v1/usage", methods=["GET"])
+    def usage(self, request):
+        return _json(request, self.governor.usage_view())
+
+    @app.route("/v1/quotas", methods=["GET"])
+    def quotas(self, request):
+        return _json(request, self.governor.quotas_view())
+
+    @app.route("/v1/quotas/reload", methods=["POST"])
+    def reload_quotas(self, request):
+        if (denied := self._admin_only(request)) is not None:
+            return denied
+        try:
+            self.governor.reload()
+        except QuotaError as e:
+            log.warn("quota reload refused, old quotas kept: {error}", error=str(e))
+            return error_response(request, 400, "invalid_request_error",
+                                  f"quotas not reloaded, the old ones stay: {e}")
+        return _json(request, {"reloaded": True, **self.governor.quotas_view()})
+
+    @app.route("/v1/usage/sim", methods=["POST"])
+    def simulate_usage(self, request):
+        if (denied := self._admin_only(request)) is not None:
+            return denied
+        try:
+            sim = _sim_request(request.content.read())
+        except ValueError as e:
+            return error_response(request, 400, "invalid_request_error", str(e))
+        model = sim.pop("model")
+        self.governor.account(model, TokenUsage(**sim["tokens"]), seconds=sim["seconds"],
+                              stream_seconds=sim["seconds"], ttft_seconds=None)
+        return _json(request, {"model": model,
+                               **self.governor.model_view(model, self.clock.seconds())})
+
+    def _admin_only(self, request) -> bytes | None:
+        """None when the request may change state, else the 401 answer."""
+        token = self.config.server.admin_token
+        if not token:
+            return None
+        given = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        if hmac.compare_digest(given.encode("utf-8"), f"Bearer {token}".encode("utf-8")):
+            return None
+        return error_response(request, 401, "authentication_error",
+                              "this endpoint needs 'Authorization: Bearer <admin_token>'")
 
     # -- ops ------------------------------------------------------------------------------------
 

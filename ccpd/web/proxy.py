@@ -17,6 +17,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
+from ccpd.policy import BLOCKED, Decision, limit_window
 from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
                         usage_from_headers, usage_from_json)
 
@@ -64,6 +65,10 @@ class Exchange:
     last_byte_at: float | None = None
     finished_at: float | None = None
     anomalies: list[dict] = field(default_factory=list)
+    decision: Decision | None = None
+    sent_model: str = ""       # the model the serving lane was asked for (after a rewrite)
+    wasted_retry_ms: int = 0
+    policy_fields: dict = field(default_factory=dict)  # quota and decision fields of the line
 
     def anomaly(self, kind: str, detail: str, **extra) -> None:
         self.anomalies.append({"kind": kind, "detail": detail, **extra})
@@ -83,7 +88,29 @@ class Exchange:
             stream_ms=ms(self.first_byte_at, self.last_byte_at),
             dirty_ms=ms(self.started, self.finished_at),
             err_type=self.err_type, upstream=self.upstream, reroute_mode=reroute_mode,
+            wasted_retry_ms=self.wasted_retry_ms, **self.policy_fields,
         )
+
+
+def _is_sse(response) -> bool:
+    content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+    return content_type.lower().startswith(b"text/event-stream")
+
+
+def _with_model(body: bytes, payload: dict | None, model: str) -> bytes:
+    """The request body with ``model`` in it: the body untouched when it already names it."""
+    if payload is None or payload.get("model") == model:
+        return body
+    return json.dumps({**payload, "model": model}).encode("utf-8")
+
+
+def _error_message(body: bytes) -> str | None:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
 
 
 class _Relay(Protocol):
@@ -124,13 +151,24 @@ class _Relay(Protocol):
         self.transport.stopProducing()
 
 
+@dataclass
+class _HeldLimitAnswer:
+    """A limit answer from the preferred lane, held back (nothing reached the client yet) so
+    that the request can still be rerouted."""
+
+    response: object
+    body: bytes
+    error_type: str | None
+
+
 class Proxy:
     """Sends requests to lanes and relays their answers; records every exchange."""
 
-    def __init__(self, config, lanes, recorder, clock):
+    def __init__(self, config, lanes, recorder, governor, clock):
         self.config = config
         self.lanes = lanes
         self.recorder = recorder
+        self.governor = governor
         self.clock = clock
 
     async def handle(self, request, op: str) -> bytes | None:
@@ -141,7 +179,7 @@ class Proxy:
                 request, 413, "request_too_large",
                 f"request body exceeds {self.config.server.max_body_bytes} bytes")
         body = request.content.read()
-        model, stream = "", False
+        model, stream, payload = "", False, None
         if op != "passthrough":
             try:
                 payload = json.loads(body)
@@ -155,19 +193,84 @@ class Proxy:
             route = self.config.route_for(model)
         else:
             route = self.config.route_for(None)
-        exchange = Exchange(rid=uuid4().hex, started=started, op=op, model=model, stream=stream)
+        exchange = Exchange(rid=uuid4().hex, started=started, op=op, model=model, stream=stream,
+                            sent_model=model)
+        decision = None
         try:
-            result = await self.forward(request, self.lanes[route.lane], body, exchange)
+            if op == "messages":
+                decision = self.governor.decide(route)
+                if decision.decision == BLOCKED:
+                    return self._blocked(request, route, decision, exchange)
+                return await self._messages(request, route, decision, body, payload, exchange)
+            return await self.forward(request, self.lanes[route.lane], body, exchange)
         except defer.CancelledError:
             exchange.status, exchange.err_type = 499, "client_disconnected"
             raise
         finally:
             exchange.finished_at = self.clock.seconds()
+            if op == "messages":
+                self._account(exchange)
+                exchange.policy_fields = self.governor.usage_fields(
+                    exchange.sent_model, exchange.decision or decision)
             self.recorder.record(exchange)
-        return result
 
-    async def forward(self, request, lane: Lane, body: bytes, exchange: Exchange) -> bytes | None:
-        """Send the request to ``lane`` and relay its answer; a return value is ccpd's own."""
+    async def _messages(self, request, route, decision, body, payload, exchange) -> bytes | None:
+        """A Messages request under the reroute policy: one attempt, and one reroute when the
+        preferred lane answers with a limit before anything reached the client."""
+        exchange.decision = decision
+        attempt_started = self.clock.seconds()
+        lane = self.lanes[decision.lane]
+        result = await self.forward(request, lane, _with_model(body, payload, decision.model),
+                                    exchange, hold_limit=decision.lane == route.lane)
+        if not isinstance(result, _HeldLimitAnswer):
+            return result
+        wasted = self.clock.seconds() - attempt_started
+        headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+                   for name, values in result.response.headers.getAllRawHeaders()}
+        reroute = self.governor.after_limit(route, lane, result.response.code, result.error_type,
+                                            headers, _error_message(result.body), wasted)
+        if reroute is None:
+            return self._send_held(request, result, exchange)
+        exchange.anomaly("upstream_limit", f"lane {lane.name!r} answered with a limit "
+                         f"({result.error_type or result.response.code}); rerouted to "
+                         f"{reroute.lane}/{reroute.model}", status=result.response.code)
+        exchange.decision = reroute
+        exchange.wasted_retry_ms = round(wasted * 1000)
+        exchange.sent_model = reroute.model
+        return await self.forward(request, self.lanes[reroute.lane],
+                                  _with_model(body, payload, reroute.model), exchange)
+
+    def _blocked(self, request, route, decision, exchange: Exchange) -> bytes:
+        retry_after = self.governor.retry_after(route)
+        exchange.decision = decision
+        exchange.lane, exchange.upstream = route.lane, self.lanes[route.lane].upstream
+        exchange.status, exchange.err_type = 429, "rate_limit_error"
+        exchange.anomaly("quota_blocked", decision.reason, status=429)
+        request.responseHeaders.setRawHeaders(b"retry-after", [str(retry_after).encode()])
+        return error_response(request, 429, "rate_limit_error",
+                              f"ccpd: the token quota of {route.model} is used up on every lane "
+                              f"of its route ({decision.reason}); retry in {retry_after}s")
+
+    def _account(self, exchange: Exchange) -> None:
+        usage = exchange.usage
+        if not (usage.input_tokens or usage.output_tokens or usage.cache_creation_input_tokens
+                or usage.cache_read_input_tokens):
+            return
+
+        def seconds(start, end):
+            return 0.0 if start is None or end is None else max(0.0, end - start)
+
+        self.governor.account(
+            exchange.sent_model, usage,
+            seconds=seconds(exchange.started, exchange.finished_at),
+            stream_seconds=seconds(exchange.first_byte_at, exchange.last_byte_at),
+            ttft_seconds=(seconds(exchange.started, exchange.first_token_at)
+                          if exchange.first_token_at else None))
+
+    async def forward(self, request, lane: Lane, body: bytes, exchange: Exchange,
+                      hold_limit: bool = False):
+        """Send the request to ``lane`` and relay its answer; a return value is ccpd's own
+        answer, or with ``hold_limit`` a :class:`_HeldLimitAnswer` that was not relayed."""
         exchange.lane, exchange.upstream = lane.name, lane.upstream
         try:
             headers = lane.upstream_headers(request.requestHeaders)
@@ -193,12 +296,41 @@ class Proxy:
         finally:
             if timer.active():
                 timer.cancel()
+        if hold_limit and response.code >= 400 and not _is_sse(response):
+            return await self._hold(request, lane, response, exchange)
         return await self._relay(request, lane, response, exchange)
+
+    async def _hold(self, request, lane: Lane, response, exchange: Exchange):
+        """Read a whole error answer before relaying it: a limit answer is held back."""
+        chunks: list[bytes] = []
+        relay = _Relay(chunks.append, self.clock, lane.config.idle_timeout_s)
+        response.deliverBody(relay)
+        try:
+            await relay.done
+        except defer.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - same as a failure before the answer
+            return self._failed(request, exchange, 502, "api_error",
+                                f"lane {lane.name!r} broke off its answer: {describe_failure(e)}")
+        held = _HeldLimitAnswer(response, b"".join(chunks), None)
+        held.error_type = usage_from_json(held.body)[2]
+        if limit_window(response.code, held.error_type):
+            return held
+        return self._send_held(request, held, exchange)
+
+    def _send_held(self, request, held: _HeldLimitAnswer, exchange: Exchange) -> bytes:
+        response = held.response
+        exchange.status = response.code
+        exchange.first_byte_at = exchange.last_byte_at = self.clock.seconds()
+        request.setResponseCode(response.code)
+        for name, values in forwardable(response.headers):
+            request.responseHeaders.setRawHeaders(name, values)
+        self._account_body(response, exchange, None, [held.body])
+        return held.body
 
     async def _relay(self, request, lane: Lane, response, exchange: Exchange) -> bytes | None:
         exchange.status = response.code
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        is_sse = content_type.lower().startswith(b"text/event-stream")
+        is_sse = _is_sse(response)
         request.setResponseCode(response.code)
         for name, values in forwardable(response.headers, _CONTENT_LENGTH if is_sse else frozenset()):
             request.responseHeaders.setRawHeaders(name, values)

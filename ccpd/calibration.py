@@ -1,0 +1,168 @@
+"""Calibrating quota warnings from what providers really do.
+
+Two kinds of evidence, per model:
+
+- reset gaps, per window: ``calc_reset_eta_sec - observed_reset_eta_sec``, where the calculated
+  ETA is when ccpd's window would next free usage and the observed one is when the provider said
+  its limit lifts (``retry-after``, ``anthropic-ratelimit-*-reset``, Z.AI's "reset at");
+- limit multipliers: the fraction of the configured limit ccpd had counted when the provider
+  cut it off (1.0: the provider's limit is the configured one), from live limit answers and from
+  ``results/GLM_LIMIT_PROBE.md``.
+
+From them, ``warn_pct_auto``: the configured ``warn_pct`` scaled by the median multiplier and
+lowered by a negative median gap (a provider that holds usage longer than ccpd thinks). With
+fewer than ``min_samples`` samples it is the configured ``warn_pct``. Pure logic, no I/O except
+:func:`read_probe_results`.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+
+from ccpd.quotas import percentile
+
+WINDOWS = ("rolling", "weekly")
+MIN_SAMPLES = 5
+RING_SIZE = 128
+_FULL_CONFIDENCE_SAMPLES = 20
+_WARN_FLOOR, _WARN_CEILING = 0.05, 0.99
+
+PROBE_COLUMNS = ("timestamp", "vendor", "model", "repeat", "tokens", "first_429_index",
+                 "calc_headroom", "inferred_multiplier", "upstream_status", "gap_seconds",
+                 "hour_of_day")
+
+
+@dataclass(frozen=True)
+class AutoWarn:
+    warn_pct_auto: float
+    confidence: float
+    min_samples_reached: bool
+    limit_multiplier: float
+
+
+class Calibration:
+    """Ring buffers of reset gaps (per model and window) and limit multipliers (per model)."""
+
+    def __init__(self, min_samples: int = MIN_SAMPLES, ring_size: int = RING_SIZE):
+        self.min_samples = min_samples
+        self.ring_size = ring_size
+        self._gaps: dict[tuple[str, str], deque] = {}
+        self._multipliers: dict[str, deque] = {}
+        # (model, window) -> epoch the provider said its limit lifts, while still ahead
+        self.pending_resets: dict[tuple[str, str], float] = {}
+
+    def _ring(self, table: dict, key) -> deque:
+        ring = table.get(key)
+        if ring is None:
+            ring = table[key] = deque(maxlen=self.ring_size)
+        return ring
+
+    def add_gap(self, model: str, window: str, gap_seconds: float) -> None:
+        self._ring(self._gaps, (model, window)).append(float(gap_seconds))
+
+    def add_multiplier(self, model: str, multiplier: float) -> None:
+        if multiplier > 0:
+            self._ring(self._multipliers, model).append(float(multiplier))
+
+    def observe_limit(self, model: str, window: str, now: float, calc_eta: float | None,
+                      observed_reset: float | None, used_fraction: float | None) -> None:
+        """A provider limit answer: one gap sample (when both ETAs are known) and one
+        multiplier sample (when the window has a configured limit)."""
+        if observed_reset is not None and observed_reset > now:
+            self.pending_resets[(model, window)] = observed_reset
+            if calc_eta is not None:
+                self.add_gap(model, window, calc_eta - (observed_reset - now))
+        if used_fraction is not None:
+            self.add_multiplier(model, used_fraction)
+
+    def sample(self, model: str, window: str, now: float, calc_eta: float | None) -> bool:
+        """The sampler's tick: while a reported reset is still ahead, compare it with the
+        window's current ETA. True when a gap sample was taken."""
+        reset = self.pending_resets.get((model, window))
+        if reset is None:
+            return False
+        if reset <= now:
+            del self.pending_resets[(model, window)]
+            return False
+        if calc_eta is None:
+            return False
+        self.add_gap(model, window, calc_eta - (reset - now))
+        return True
+
+    def gap_stats(self, model: str, window: str) -> dict:
+        gaps = list(self._gaps.get((model, window), ()))
+        p50, p95 = percentile(gaps, 0.5), percentile(gaps, 0.95)
+        return {"gap_seconds_p50": None if p50 is None else round(p50, 1),
+                "gap_seconds_p95": None if p95 is None else round(p95, 1),
+                "gap_samples": len(gaps)}
+
+    def multiplier_samples(self, model: str) -> int:
+        return len(self._multipliers.get(model, ()))
+
+    def auto_warn(self, model: str, warn_pct: float, window_seconds: float) -> AutoWarn:
+        gaps = list(self._gaps.get((model, "rolling"), ()))
+        multipliers = list(self._multipliers.get(model, ()))
+        samples = len(gaps) + len(multipliers)
+        confidence = round(min(1.0, samples / _FULL_CONFIDENCE_SAMPLES), 3)
+        if samples < self.min_samples:
+            return AutoWarn(warn_pct, confidence, False, 1.0)
+        multiplier = percentile(multipliers, 0.5) if multipliers else 1.0
+        gap = percentile(gaps, 0.5) if gaps else 0.0
+        auto = warn_pct * multiplier + min(0.0, gap) / window_seconds
+        auto = min(_WARN_CEILING, max(_WARN_FLOOR, auto))
+        return AutoWarn(round(auto, 4), confidence, True, round(multiplier, 4))
+
+    def ingest_probe_rows(self, rows: list[dict], default_model: str = "glm-4.6") -> int:
+        """Seed the tables from parsed probe rows; returns how many rows gave a sample."""
+        used = 0
+        for row in rows:
+            model = row.get("model") or default_model
+            multiplier, gap = row.get("inferred_multiplier"), row.get("gap_seconds")
+            if isinstance(multiplier, float):
+                self.add_multiplier(model, multiplier)
+            if isinstance(gap, float):
+                self.add_gap(model, "rolling", gap)
+            used += isinstance(multiplier, float) or isinstance(gap, float)
+        return used
+
+
+def parse_probe_results(text: str) -> list[dict]:
+    """The rows of the Markdown table(s) in a ``GLM_LIMIT_PROBE.md`` file.
+
+    Columns are found by their header names (any order, unknown ones ignored); numeric cells
+    become floats, ``-`` or empty cells None. Lines outside tables are ignored.
+    """
+    rows, header = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if header is None:
+            header = [cell.lower() for cell in cells]
+            continue
+        if all(set(cell) <= set("-: ") for cell in cells):
+            continue  # the separator row
+        row = {}
+        for name, cell in zip(header, cells):
+            if name not in PROBE_COLUMNS:
+                continue
+            if name in ("timestamp", "vendor", "model"):
+                row[name] = cell or None
+                continue
+            try:
+                row[name] = float(cell)
+            except ValueError:
+                row[name] = None
+        rows.append(row)
+    return rows
+
+
+def read_probe_results(path: str) -> list[dict]:
+    """Rows of the probe results file; an absent file has none (it is optional)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return parse_probe_results(f.read())
