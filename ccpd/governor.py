@@ -203,7 +203,7 @@ class Governor:
 
     def usage_view(self) -> dict:
         now = self.clock.seconds()
-        models = sorted(set(self.engine.models) | set(self.engine.quotas))
+        models = sorted(set(self.engine.models) | set(self.engine.quotas) | set(self.policy.last))
         return {"ts": now, "reroute_mode": self.policy.mode,
                 "cooldown_sec": self.policy.cooldown_sec,
                 "models": {model: self.model_view(model, now) for model in models}}

@@ -15,14 +15,27 @@ from ccpd.testing.fakeupstream import FakeUpstream
 
 
 @pytest.fixture
-def fake_upstream():
-    fake = FakeUpstream(reactor)
-    port = fake.listen(0)
-    yield fake
-    pytest_twisted.blockon(port.stopListening())
+def make_fake():
+    """Start loopback fake upstreams (``make_fake(limit_tokens=0)``); stopped after the test."""
+    ports = []
+
+    def make(**options) -> FakeUpstream:
+        fake = FakeUpstream(reactor, **options)
+        ports.append(fake.listen(0))
+        return fake
+
+    yield make
+    for port in ports:
+        pytest_twisted.blockon(port.stopListening())
 
 
-def ccpd_ini(tmp_path, upstream_url: str, extra: str = "", zai_url: str | None = None) -> str:
+@pytest.fixture
+def fake_upstream(make_fake):
+    return make_fake()
+
+
+def ccpd_ini(tmp_path, upstream_url: str, extra: str = "", zai_url: str | None = None,
+             server_extra: str = "") -> str:
     quotas = tmp_path / "quotas.json"
     if not quotas.exists():
         quotas.write_text(json.dumps({"models": {}}))
@@ -30,6 +43,7 @@ def ccpd_ini(tmp_path, upstream_url: str, extra: str = "", zai_url: str | None =
 [server]
 listen = tcp:0:interface=127.0.0.1
 max_body_bytes = 65536
+{server_extra}
 
 [lane:anthropic]
 base_url = {upstream_url}
@@ -43,6 +57,7 @@ idle_timeout_s = 2
 
 [routes]
 glm-4.6 = zai, anthropic/claude-sonnet-4-5
+glm-solo = zai
 
 [quotas]
 file = {quotas}
@@ -85,8 +100,8 @@ def start_ccpd(tmp_path):
     running = []
 
     async def start(upstream_url: str, extra: str = "", environ: dict | None = None,
-                    zai_url: str | None = None) -> RunningCcpd:
-        text = ccpd_ini(tmp_path, upstream_url, extra, zai_url)
+                    zai_url: str | None = None, server_extra: str = "") -> RunningCcpd:
+        text = ccpd_ini(tmp_path, upstream_url, extra, zai_url, server_extra)
         config = config_from_string(text, source="test.ini", environ={})
         service = build_service(config, reactor, environ if environ is not None
                                 else {"ZAI_TEST_KEY": "zai-secret-key-123"})

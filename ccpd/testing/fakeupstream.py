@@ -15,6 +15,10 @@ Z.AI's endpoint). What it does is chosen per request by headers:
   headers and ``message_start``, then nothing), ``die-mid-stream`` (two deltas, then the
   connection is cut), ``echo`` (describes the request it got), ``big`` (a 1 MiB JSON answer).
 
+Started with ``limit_tokens=N`` (``--limit-tokens N``) it counts the tokens it served and, once
+they reach N, answers every Messages request with a limit (``limit_code``: Z.AI's ``1308`` or
+``1310``, or ``429`` for Anthropic's ``rate_limit_error``), like a plan that ran out.
+
 Its answers are deterministic, so a test can compare bytes sent directly with bytes proxied.
 Run it alone with ``python -m ccpd.testing.fakeupstream --port 0 --port-file F``.
 """
@@ -91,10 +95,14 @@ def message_json(model: str, usage: dict | None, deltas: int) -> dict:
 class FakeUpstream(resource.Resource):
     isLeaf = True
 
-    def __init__(self, reactor, record: bool = True):
+    def __init__(self, reactor, record: bool = True, limit_tokens: int | None = None,
+                 limit_code: str = "1308"):
         super().__init__()
         self.reactor = reactor
         self.record = record
+        self.limit_tokens = limit_tokens
+        self.limit_code = limit_code
+        self.tokens_served = 0
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.cancelled = 0
@@ -167,9 +175,11 @@ class FakeUpstream(resource.Resource):
         input_tokens = _int_header(request, "x-fake-input-tokens", 12)
         if path.endswith("/count_tokens"):
             return self._json(request, 200, {"input_tokens": input_tokens})
+        if self.limit_tokens is not None and self.tokens_served >= self.limit_tokens:
+            scenario = "rate-limit" if self.limit_code == "429" else f"zai-{self.limit_code}"
         if scenario in ("zai-1308", "zai-1310"):
             return self._zai_limit(request, scenario)
-        status = _int_header(request, "x-fake-status", 200)
+        status = 429 if scenario == "rate-limit" else _int_header(request, "x-fake-status", 200)
         if status >= 400:
             error_type = request.getHeader("x-fake-error-type") or _ERROR_TYPES.get(
                 status, "api_error")
@@ -186,6 +196,7 @@ class FakeUpstream(resource.Resource):
         asked = asked if isinstance(asked, dict) else {}
         model = str(asked.get("model") or "fake-model")
         deltas = _int_header(request, "x-fake-events", 5)
+        self.tokens_served += input_tokens + deltas
         usage = {"input_tokens": input_tokens,
                  "cache_creation_input_tokens": _int_header(request, "x-fake-cache-creation", 0),
                  "cache_read_input_tokens": _int_header(request, "x-fake-cache-read", 0)}
@@ -252,9 +263,13 @@ def main(argv=None) -> int:
     parser.add_argument("--port-file", help="write the port here once listening")
     parser.add_argument("--no-record", action="store_true",
                         help="do not keep requests (for long benchmarks)")
+    parser.add_argument("--limit-tokens", type=int,
+                        help="answer with a limit once this many tokens were served")
+    parser.add_argument("--limit-code", choices=("1308", "1310", "429"), default="1308")
     args = parser.parse_args(argv)
     from twisted.internet import reactor
-    fake = FakeUpstream(reactor, record=not args.no_record)
+    fake = FakeUpstream(reactor, record=not args.no_record, limit_tokens=args.limit_tokens,
+                        limit_code=args.limit_code)
     port = fake.listen(args.port)
     if args.port_file:
         with open(args.port_file, "w") as f:

@@ -217,7 +217,7 @@ class Proxy:
     async def _messages(self, request, route, decision, body, payload, exchange) -> bytes | None:
         """A Messages request under the reroute policy: one attempt, and one reroute when the
         preferred lane answers with a limit before anything reached the client."""
-        exchange.decision = decision
+        exchange.decision, exchange.sent_model = decision, decision.model
         attempt_started = self.clock.seconds()
         lane = self.lanes[decision.lane]
         result = await self.forward(request, lane, _with_model(body, payload, decision.model),

@@ -1,0 +1,487 @@
+"""``ccp``: the command-line client of a running ccpd.
+
+``ccp status`` asks the daemon for ``/v1/usage`` and prints one row per model: how much of the
+rolling and weekly quota is used, the headroom left, whether ccpd warns or blocks, the warn
+threshold (configured and auto-calibrated) and how far off the calibration gap is.
+``--speeds`` adds throughput columns, ``--debug-quota`` a per-model policy section, ``--json``
+prints the daemon's answer as it is.
+
+Stdlib only, so it runs from any Python without the daemon's dependencies. The formatting is in
+small pure functions (:func:`format_status`, :func:`human_tokens`, ...) so tests call them
+directly. Every field of the usage body may be null or missing; it then prints as ``-``.
+
+Subcommands are argparse subparsers, each registered by an ``_add_<name>_parser`` function and
+run by the ``func`` it sets, so further commands (``ccp db ...``) slot in beside ``status``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+DEFAULT_URL = "http://127.0.0.1:8787"
+URL_ENV = "CCP_URL"
+TIMEOUT_S = 5.0
+DASH = "-"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # also: the daemon could not be asked, or answered something unusable
+
+_ANSI = {"warn": "\033[33m", "block": "\033[31m"}
+_ANSI_RESET = "\033[0m"
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr (no traceback) with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# --------------------------------------------------------------------------- field access
+
+def _num(value) -> float | None:
+    """``value`` when it is a real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or value in (float("inf"), float("-inf")):  # NaN / infinities
+        return None
+    return value
+
+
+def _obj(value) -> dict:
+    """``value`` when it is a JSON object, else an empty one (so lookups give None)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, "g")
+    return str(value)
+
+
+# --------------------------------------------------------------------------- small formatters
+
+def human_tokens(n) -> str:
+    """A token count in short human units: ``900``, ``1.2k``, ``350k``, ``3.4M``, ``1.5B``."""
+    n = _num(n)
+    if n is None:
+        return DASH
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    if n < 1000:
+        return f"{sign}{n:.0f}"
+    for unit, size in (("k", 1e3), ("M", 1e6), ("B", 1e9)):
+        scaled = n / size
+        if round(scaled, 1) < 1000 or unit == "B":
+            text = f"{scaled:.1f}" if scaled < 99.95 else f"{scaled:.0f}"
+            if text.endswith(".0"):
+                text = text[:-2]
+            return f"{sign}{text}{unit}"
+    raise AssertionError("unreachable")
+
+
+def human_hours(h) -> str:
+    h = _num(h)
+    if h is None:
+        return DASH
+    return f"{h:.2f}".rstrip("0").rstrip(".") + "h"
+
+
+def human_duration(seconds) -> str:
+    """``95`` -> ``1m35s``, ``12000`` -> ``3h20m``, ``590000`` -> ``6d19h``."""
+    s = _num(seconds)
+    if s is None:
+        return DASH
+    sign, s = ("-" if s < 0 else ""), int(round(abs(s)))
+    if s < 60:
+        return f"{sign}{s}s"
+    if s < 3600:
+        return f"{sign}{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{sign}{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{sign}{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def fmt_pct(fraction) -> str:
+    """A fraction (0.8) as a percentage (``80%``; ``74.5%`` keeps one decimal when it matters)."""
+    f = _num(fraction)
+    if f is None:
+        return DASH
+    return _pct_number(f * 100)
+
+
+def _pct_number(p: float) -> str:
+    if abs(p - round(p)) < 0.05:
+        return f"{round(p):.0f}%"
+    return f"{p:.1f}%"
+
+
+def fmt_headroom(pct) -> str:
+    """``headroom_pct`` is already a percentage (17.5 means 17.5 %)."""
+    p = _num(pct)
+    return DASH if p is None else _pct_number(p)
+
+
+def fmt_used_limit(window: dict) -> str:
+    """``1.6M/2M``; only the used count when there is no token limit.
+
+    A window limited in hours instead of tokens shows ``0.42h/5h``.
+    """
+    window = _obj(window)
+    used, limit = window.get("used_tokens"), _num(window.get("limit_tokens"))
+    if limit is not None:
+        return f"{human_tokens(used)}/{human_tokens(limit)}"
+    if _num(window.get("limit_hours")) is not None:
+        return f"{human_hours(window.get('used_hours'))}/{human_hours(window.get('limit_hours'))}"
+    return human_tokens(used)
+
+
+def model_state(m: dict) -> str:
+    """``OK`` / ``WARN`` / ``BLOCK`` from ``state``, else from the ``block``/``warn`` flags."""
+    state = m.get("state")
+    if isinstance(state, str) and state.strip():
+        return state.strip().upper()
+    if m.get("block") is True:
+        return "BLOCK"
+    if m.get("warn") is True:
+        return "WARN"
+    if m.get("warn") is False and m.get("block") is False:
+        return "OK"
+    return DASH
+
+
+def fmt_warn(m: dict) -> str:
+    """Configured warn % and, when calibration moved it, the auto one: ``80%→74%``.
+
+    A ``?`` marks an auto value calibrated on too few samples (``min_samples_reached`` false).
+    """
+    configured, auto = fmt_pct(m.get("warn_pct")), fmt_pct(m.get("warn_pct_auto"))
+    if auto == DASH or auto == configured:
+        text = configured
+    elif configured == DASH:
+        text = f"auto {auto}"
+    else:
+        text = f"{configured}→{auto}"
+    if m.get("min_samples_reached") is False and text != DASH:
+        text += "?"
+    return text
+
+
+def fmt_seconds(value) -> str:
+    v = _num(value)
+    return DASH if v is None else f"{v:.0f}s"
+
+
+def fmt_count(value) -> str:
+    v = _num(value)
+    return DASH if v is None else f"{v:.0f}"
+
+
+def fmt_rate(value) -> str:
+    v = _num(value)
+    return DASH if v is None else f"{v:.1f}"
+
+
+def fmt_ms(value) -> str:
+    v = _num(value)
+    return DASH if v is None else f"{v:.0f}ms"
+
+
+def fmt_local_time(ts) -> str:
+    """A Unix timestamp in local time (``2026-11-26 14:02:11``); other text as it is."""
+    t = _num(ts)
+    if t is None:
+        return _text(ts) or DASH
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return format(t, "g")
+
+
+# --------------------------------------------------------------------------- the status table
+
+def _headroom(m: dict, window: str) -> str:
+    return fmt_headroom(_obj(m.get(window)).get("headroom_pct"))
+
+
+def _columns(speeds: bool, rolling_title: str):
+    """(title, right-aligned?, cell function) for each column of the table."""
+    cols = [
+        ("MODEL", False, lambda name, m: name),
+        (rolling_title, True, lambda name, m: fmt_used_limit(m.get("rolling"))),
+        ("HEADROOM", True, lambda name, m: _headroom(m, "rolling")),
+        ("WEEKLY", True, lambda name, m: fmt_used_limit(m.get("weekly"))),
+        ("HEADROOM", True, lambda name, m: _headroom(m, "weekly")),
+        ("STATE", False, lambda name, m: model_state(m)),
+        ("WARN AT", False, lambda name, m: fmt_warn(m)),
+        ("GAP p50", True, lambda name, m: fmt_seconds(m.get("gap_seconds_p50"))),
+        ("GAP p95", True, lambda name, m: fmt_seconds(m.get("gap_seconds_p95"))),
+        ("GAPS", True, lambda name, m: fmt_count(m.get("gap_samples"))),
+    ]
+    if speeds:
+        sp = lambda m: _obj(m.get("speeds"))  # noqa: E731
+        cols += [
+            ("REQS", True, lambda name, m: fmt_count(
+                m.get("requests") if m.get("requests") is not None else sp(m).get("samples"))),
+            ("OUT t/s STREAM", True, lambda name, m: fmt_rate(sp(m).get("out_tps_stream"))),
+            ("OUT t/s TOTAL", True, lambda name, m: fmt_rate(sp(m).get("out_tps_total"))),
+            ("TTFT p50", True, lambda name, m: fmt_ms(sp(m).get("ttft_ms_p50"))),
+        ]
+    return cols
+
+
+def _rolling_title(models: dict) -> str:
+    """``ROLLING 5h`` when every model has the same rolling window, else ``ROLLING``."""
+    hours = {_num(_obj(_obj(m).get("rolling")).get("window_hours")) for m in models.values()}
+    if len(hours) == 1 and None not in hours:
+        return f"ROLLING {human_hours(hours.pop())}"
+    return "ROLLING"
+
+
+def _colourise(cell: str, padded: str) -> str:
+    code = _ANSI.get(cell.strip().lower())
+    return f"{code}{padded}{_ANSI_RESET}" if code else padded
+
+
+def format_table(models: dict, speeds: bool = False, colour: bool = False) -> str:
+    cols = _columns(speeds, _rolling_title(models))
+    rows = [[fn(name, _obj(models[name])) for _, _, fn in cols] for name in sorted(models)]
+    widths = [max([len(title)] + [len(r[i]) for r in rows]) for i, (title, _, _) in enumerate(cols)]
+    state_col = [title for title, _, _ in cols].index("STATE")
+
+    def line(cells, paint: bool) -> str:
+        out = []
+        for i, (cell, (_, right, _), width) in enumerate(zip(cells, cols, widths)):
+            padded = cell.rjust(width) if right else cell.ljust(width)
+            if paint and i == state_col:
+                padded = _colourise(cell, padded)
+            out.append(padded)
+        return "  ".join(out).rstrip()
+
+    lines = [line([title for title, _, _ in cols], False)]
+    lines += [line(r, colour) for r in rows]
+    return "\n".join(lines)
+
+
+def format_header(body: dict, url: str | None = None) -> str:
+    parts = [f"ccpd {url}" if url else "ccpd"]
+    parts.append(f"reroute {_text(body.get('reroute_mode')) or DASH}")
+    cooldown = _num(body.get("cooldown_sec"))
+    parts.append(f"cooldown {fmt_seconds(cooldown)}")
+    ts = _num(body.get("ts"))
+    if ts is not None:
+        parts.append(f"as of {fmt_local_time(ts)}")
+    return "  |  ".join(parts)
+
+
+def format_debug(models: dict) -> str:
+    """The ``--debug-quota`` section: each model's reroute policy state."""
+    blocks = []
+    for name in sorted(models):
+        m = _obj(models[name])
+        p = _obj(m.get("policy"))
+        active = p.get("cooldown_active")
+        cooldown = {True: "ACTIVE", False: "inactive"}.get(active, DASH)
+        ends = fmt_local_time(p.get("cooldown_next_ts"))
+        remaining = _num(p.get("cooldown_remaining_sec"))
+        need = _num(p.get("predicted_need_tokens"))
+        rolling, weekly = _obj(m.get("rolling")), _obj(m.get("weekly"))
+        lines = [
+            f"{name}",
+            f"  policy:          mode {_text(p.get('mode')) or DASH},"
+            f" lane {_text(p.get('lane')) or DASH},"
+            f" secondary {_text(p.get('secondary')) or DASH}",
+            f"  cooldown:        {cooldown}"
+            + (f", {fmt_seconds(remaining)} left" if remaining and remaining > 0 else ""),
+            f"  cooldown ends:   {ends}"
+            + (f" (in {human_duration(remaining)})"
+               if ends != DASH and remaining is not None else ""),
+            f"  overshoot at:    {fmt_local_time(p.get('overshoot_at'))}",
+            f"  last decision:   {_text(p.get('last_decision')) or DASH}"
+            f" (reason: {_text(p.get('last_reason')) or DASH})",
+            f"  predicted need:  "
+            + (f"{human_tokens(need)} tokens ({need:.0f})" if need is not None else DASH),
+            f"  resets in:       rolling {human_duration(rolling.get('reset_eta_sec'))},"
+            f" weekly {human_duration(weekly.get('reset_eta_sec'))}",
+        ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def format_status(body: dict, speeds: bool = False, debug: bool = False, colour: bool = False,
+                  url: str | None = None) -> str:
+    """What ``ccp status`` prints for a ``/v1/usage`` body (without a trailing newline)."""
+    body = _obj(body)
+    models = {str(k): v for k, v in _obj(body.get("models")).items()}
+    out = [format_header(body, url), ""]
+    if not models:
+        out.append("no models seen yet")
+        return "\n".join(out)
+    out.append(format_table(models, speeds=speeds, colour=colour))
+    if debug:
+        out += ["", "quota policy:", "", format_debug(models)]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- talking to ccpd
+
+def resolve_url(arg: str | None, environ=None) -> str:
+    """``--url``, else ``$CCP_URL``, else the default; no trailing slash, ``http://`` assumed."""
+    environ = os.environ if environ is None else environ
+    url = (arg or environ.get(URL_ENV) or DEFAULT_URL).strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def _error_message(raw: bytes) -> str | None:
+    """``error.message`` of an Anthropic-shaped error body, if it is one."""
+    try:
+        doc = json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        text = raw.decode("utf-8", "replace").strip()
+        return text[:200] or None
+    msg = _obj(_obj(doc).get("error")).get("message")
+    return _text(msg)
+
+
+def fetch_json(url: str, path: str, timeout: float = TIMEOUT_S):
+    """GET ``url + path`` and parse it as JSON, raising :class:`CliError` for every failure."""
+    target = url + path
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as e:
+        try:
+            detail = _error_message(e.read() or b"")
+        except Exception:  # noqa: BLE001 - the status alone is enough to report
+            detail = None
+        detail = detail or e.reason or "no message"
+        raise CliError(f"ccp: {target} answered HTTP {e.code}: {detail}")
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            raise CliError(f"ccp: {target} did not answer within {timeout:g}s")
+        if isinstance(e.reason, str):  # "unknown url type: ...", "no host given"
+            raise CliError(f"ccp: cannot use daemon URL {url!r}: {e.reason}")
+        raise CliError(f"ccp: no ccpd answering at {url} (is it running? start it with: make run)")
+    except (TimeoutError, socket.timeout):
+        raise CliError(f"ccp: {target} did not answer within {timeout:g}s")
+    except (ConnectionError, OSError):
+        # e.g. reset while reading: something is there, but not answering properly
+        raise CliError(f"ccp: no ccpd answering at {url} (is it running? start it with: make run)")
+    except ValueError as e:  # malformed URL: "unknown url type", bad port, ...
+        raise CliError(f"ccp: cannot use daemon URL {url!r}: {e}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        snippet = raw[:80].decode("utf-8", "replace").strip()
+        raise CliError(f"ccp: {target} did not answer JSON (got {snippet!r}); is {url} a ccpd?")
+
+
+def check_usage_body(body, target: str) -> dict:
+    """``body`` if it looks like a ``/v1/usage`` answer, else :class:`CliError`."""
+    if not isinstance(body, dict) or "models" not in body:
+        raise CliError(f"ccp: {target} answered JSON that is not a usage report"
+                       f" (expected an object with \"models\"); is it a ccpd?")
+    if body["models"] is not None and not isinstance(body["models"], dict):
+        raise CliError(f"ccp: {target} answered a usage report whose \"models\" is not an object")
+    return body
+
+
+def use_colour(stream, environ=None) -> bool:
+    """Colour only on a terminal, and not when ``NO_COLOR`` is set (https://no-color.org)."""
+    environ = os.environ if environ is None else environ
+    if "NO_COLOR" in environ or environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (ValueError, OSError):
+        return False
+
+
+def _emit(text: str, stream) -> None:
+    """Print ``text``; on a terminal that cannot encode ``→`` fall back to ASCII."""
+    try:
+        stream.write(text + "\n")
+    except UnicodeEncodeError:
+        stream.write(text.replace("→", "->").encode("ascii", "replace").decode("ascii") + "\n")
+    stream.flush()
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_status(args) -> int:
+    url = resolve_url(args.url)
+    body = fetch_json(url, "/v1/usage")
+    if args.json:
+        _emit(json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False), sys.stdout)
+        return EXIT_OK
+    body = check_usage_body(body, url + "/v1/usage")
+    _emit(format_status(body, speeds=args.speeds, debug=args.debug_quota,
+                        colour=use_colour(sys.stdout), url=url), sys.stdout)
+    return EXIT_OK
+
+
+def _add_status_parser(sub) -> None:
+    p = sub.add_parser("status", help="quota and usage per model, from a running ccpd",
+                       description="Show what ccpd has counted per model: rolling and weekly "
+                                   "quota use, headroom, warn/block state and calibration.")
+    p.add_argument("--speeds", action="store_true",
+                   help="add requests, output tokens/s and time-to-first-token columns")
+    p.add_argument("--debug-quota", action="store_true",
+                   help="add each model's reroute policy state below the table")
+    p.add_argument("--json", action="store_true", help="print the daemon's /v1/usage answer as is")
+    p.add_argument("--url", metavar="URL",
+                   help=f"ccpd base URL (default: ${URL_ENV} or {DEFAULT_URL})")
+    p.set_defaults(func=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccp", description="Command-line client for ccpd, the local Anthropic API gateway.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_status_parser(sub)
+    # ``ccp db status|export|import`` will register here the same way.
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already reported
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return func(args)
+    except CliError as e:
+        print(e.message, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # ``ccp status | head``
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter exit quiet
+        except OSError:
+            pass
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
