@@ -211,7 +211,7 @@ class Governor:
     def model_view(self, model: str, now: float) -> dict:
         state = self.state(model, now)
         quota = self.engine.quotas.get(model)
-        warn_pct = quota.warn_pct if quota else 0.8
+        warn_pct = quota.warn_pct if quota else None  # no quota: nothing to warn about
         auto = self._auto_warn(model)
         usage = self.engine.models.get(model)
         route = self.config.route_for(model)

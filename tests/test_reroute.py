@@ -4,10 +4,15 @@ lines, /metrics, /v1/usage and the quota endpoints.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest_twisted
 import treq
+from twisted.internet.threads import deferToThread
+
+from ccpd import cli
 
 from tests.test_proxy import MESSAGE, post
 
@@ -153,6 +158,17 @@ async def test_usage_view_after_real_traffic_shows_tokens_speeds_and_warn(tmp_pa
     await (await post(ccpd.url + "/v1/messages", GLM)).content()  # sent while in warn
     assert 'ccp_preferred_attempt_total{lane="zai",model="glm-4.6"} 1.0' in \
         await metrics_text(ccpd)
+    # and a person running `ccp status` sees it
+    printed = await deferToThread(run_cli, ["status", "--speeds", "--url", ccpd.url])
+    [row] = [line for line in printed.splitlines() if line.startswith("glm-4.6 ")]
+    assert "137/1k" in row and "86.3%" in row and "WARN" in row
+
+
+def run_cli(argv) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(argv) == 0
+    return out.getvalue()
 
 
 @pytest_twisted.ensureDeferred
