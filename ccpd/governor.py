@@ -120,8 +120,9 @@ class Governor:
     def _log_decision(self, route: Route, decision: Decision, state: QuotaState,
                       now: float) -> None:
         until = decision.cooldown_next_ts
-        log.info("reroute_policy {model}: {reroute_decision} -> {lane}/{served_model}"
-                 "{reason_text}", decision="reroute_policy", mode=self.policy.mode,
+        log.info("reroute_policy {model}: {reroute_decision} -> {lane}/{served_model} "
+                 "[quota {quota_state}, headroom {headroom_pct}%]{reason_text}",
+                 decision="reroute_policy", mode=self.policy.mode, quota_state=state.state,
                  model=route.model, reroute_decision=decision.decision, lane=decision.lane,
                  served_model=decision.model, attempt=decision.attempt,
                  reason=decision.reason,

@@ -233,7 +233,8 @@ class Proxy:
             return self._send_held(request, result, exchange)
         exchange.anomaly("upstream_limit", f"lane {lane.name!r} answered with a limit "
                          f"({result.error_type or result.response.code}); rerouted to "
-                         f"{reroute.lane}/{reroute.model}", status=result.response.code)
+                         f"{reroute.lane}/{reroute.model}", status=result.response.code,
+                         lane=lane.name)
         exchange.decision = reroute
         exchange.wasted_retry_ms = round(wasted * 1000)
         exchange.sent_model = reroute.model
