@@ -4,7 +4,8 @@ Two kinds of evidence, per model:
 
 - reset gaps, per window: ``calc_reset_eta_sec - observed_reset_eta_sec``, where the calculated
   ETA is when ccpd's window would next free usage and the observed one is when the provider said
-  its limit lifts (``retry-after``, ``anthropic-ratelimit-*-reset``, Z.AI's "reset at");
+  its limit lifts (``retry-after``, ``anthropic-ratelimit-*-reset``, Z.AI's "reset at"); one
+  sample per limit answer, refreshed by the sampler until that reset passes;
 - limit multipliers: the fraction of the configured limit ccpd had counted when the provider
   cut it off (1.0: the provider's limit is the configured one), from live limit answers and from
   ``results/GLM_LIMIT_PROBE.md``.
@@ -41,16 +42,30 @@ class AutoWarn:
     limit_multiplier: float
 
 
+@dataclass
+class _PendingReset:
+    """A provider-reported reset still ahead: one limit event, one gap sample, refreshed by
+    the sampler until the reset passes."""
+
+    reset_at: float
+    gap: float | None
+
+
 class Calibration:
-    """Ring buffers of reset gaps (per model and window) and limit multipliers (per model)."""
+    """Ring buffers of reset gaps (per model and window) and limit multipliers (per model).
+
+    Live evidence (limit answers) goes to the rings; the probe results file is kept apart and
+    replaced whole each time the file changes, so re-reading it never counts a row twice.
+    """
 
     def __init__(self, min_samples: int = MIN_SAMPLES, ring_size: int = RING_SIZE):
         self.min_samples = min_samples
         self.ring_size = ring_size
         self._gaps: dict[tuple[str, str], deque] = {}
         self._multipliers: dict[str, deque] = {}
-        # (model, window) -> epoch the provider said its limit lifts, while still ahead
-        self.pending_resets: dict[tuple[str, str], float] = {}
+        self._probe_gaps: dict[tuple[str, str], list[float]] = {}
+        self._probe_multipliers: dict[str, list[float]] = {}
+        self.pending: dict[tuple[str, str], _PendingReset] = {}
 
     def _ring(self, table: dict, key) -> deque:
         ring = table.get(key)
@@ -67,42 +82,56 @@ class Calibration:
 
     def observe_limit(self, model: str, window: str, now: float, calc_eta: float | None,
                       observed_reset: float | None, used_fraction: float | None) -> None:
-        """A provider limit answer: one gap sample (when both ETAs are known) and one
-        multiplier sample (when the window has a configured limit)."""
+        """A provider limit answer: a pending gap sample (when the provider said when its
+        limit lifts) and a multiplier sample (when the window has a configured limit)."""
         if observed_reset is not None and observed_reset > now:
-            self.pending_resets[(model, window)] = observed_reset
-            if calc_eta is not None:
-                self.add_gap(model, window, calc_eta - (observed_reset - now))
+            self._settle(model, window)
+            self.pending[(model, window)] = _PendingReset(
+                observed_reset, None if calc_eta is None else calc_eta - (observed_reset - now))
         if used_fraction is not None:
             self.add_multiplier(model, used_fraction)
 
     def sample(self, model: str, window: str, now: float, calc_eta: float | None) -> bool:
-        """The sampler's tick: while a reported reset is still ahead, compare it with the
-        window's current ETA. True when a gap sample was taken."""
-        reset = self.pending_resets.get((model, window))
-        if reset is None:
+        """The sampler's tick: while a reported reset is still ahead, refresh its gap from the
+        window's current ETA; once it passed, keep its last gap for good. True when refreshed."""
+        pending = self.pending.get((model, window))
+        if pending is None:
             return False
-        if reset <= now:
-            del self.pending_resets[(model, window)]
+        if pending.reset_at <= now:
+            self._settle(model, window)
             return False
         if calc_eta is None:
             return False
-        self.add_gap(model, window, calc_eta - (reset - now))
+        pending.gap = calc_eta - (pending.reset_at - now)
         return True
 
+    def _settle(self, model: str, window: str) -> None:
+        pending = self.pending.pop((model, window), None)
+        if pending is not None and pending.gap is not None:
+            self.add_gap(model, window, pending.gap)
+
+    def _all_gaps(self, model: str, window: str) -> list[float]:
+        pending = self.pending.get((model, window))
+        return (self._probe_gaps.get((model, window), [])
+                + list(self._gaps.get((model, window), ()))
+                + ([pending.gap] if pending is not None and pending.gap is not None else []))
+
+    def _all_multipliers(self, model: str) -> list[float]:
+        return self._probe_multipliers.get(model, []) + list(self._multipliers.get(model, ()))
+
     def gap_stats(self, model: str, window: str) -> dict:
-        gaps = list(self._gaps.get((model, window), ()))
+        gaps = self._all_gaps(model, window)
         p50, p95 = percentile(gaps, 0.5), percentile(gaps, 0.95)
         return {"gap_seconds_p50": None if p50 is None else round(p50, 1),
                 "gap_seconds_p95": None if p95 is None else round(p95, 1),
                 "gap_samples": len(gaps)}
 
     def multiplier_samples(self, model: str) -> int:
-        return len(self._multipliers.get(model, ()))
+        return len(self._all_multipliers(model))
 
     def auto_warn(self, model: str, warn_pct: float, window_seconds: float) -> AutoWarn:
-        gaps = list(self._gaps.get((model, "rolling"), ()))
-        multipliers = list(self._multipliers.get(model, ()))
+        gaps = self._all_gaps(model, "rolling")
+        multipliers = self._all_multipliers(model)
         samples = len(gaps) + len(multipliers)
         confidence = round(min(1.0, samples / _FULL_CONFIDENCE_SAMPLES), 3)
         if samples < self.min_samples:
@@ -113,17 +142,21 @@ class Calibration:
         auto = min(_WARN_CEILING, max(_WARN_FLOOR, auto))
         return AutoWarn(round(auto, 4), confidence, True, round(multiplier, 4))
 
-    def ingest_probe_rows(self, rows: list[dict], default_model: str = "glm-4.6") -> int:
-        """Seed the tables from parsed probe rows; returns how many rows gave a sample."""
+    def set_probe_rows(self, rows: list[dict], default_model: str = "glm-4.6") -> int:
+        """Replace the samples of the probe results file with these parsed rows; returns how
+        many rows gave a sample."""
+        gaps: dict[tuple[str, str], list[float]] = {}
+        multipliers: dict[str, list[float]] = {}
         used = 0
         for row in rows:
             model = row.get("model") or default_model
             multiplier, gap = row.get("inferred_multiplier"), row.get("gap_seconds")
-            if isinstance(multiplier, float):
-                self.add_multiplier(model, multiplier)
+            if isinstance(multiplier, float) and multiplier > 0:
+                multipliers.setdefault(model, []).append(multiplier)
             if isinstance(gap, float):
-                self.add_gap(model, "rolling", gap)
+                gaps.setdefault((model, "rolling"), []).append(gap)
             used += isinstance(multiplier, float) or isinstance(gap, float)
+        self._probe_gaps, self._probe_multipliers = gaps, multipliers
         return used
 
 

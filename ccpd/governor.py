@@ -180,7 +180,7 @@ class Governor:
         if mtime == self._probe_mtime:
             return 0
         self._probe_mtime = mtime
-        used = self.calibration.ingest_probe_rows(read_probe_results(path))
+        used = self.calibration.set_probe_rows(read_probe_results(path))
         log.info("calibration: {rows} samples from {path}", rows=used, path=path)
         return used
 

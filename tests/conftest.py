@@ -54,6 +54,7 @@ connect_timeout_s = 2
 base_url = {zai_url or upstream_url}/api/anthropic
 auth = env:ZAI_TEST_KEY
 idle_timeout_s = 2
+reset_tz = +08:00
 
 [routes]
 glm-4.6 = zai, anthropic/claude-sonnet-4-5

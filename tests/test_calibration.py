@@ -64,17 +64,25 @@ def test_ring_buffers_keep_the_latest_samples():
     assert calibration.gap_stats("glm", "weekly")["gap_seconds_p50"] == 8.0
 
 
-def test_limit_answer_gives_a_gap_and_a_multiplier_and_the_sampler_follows_it():
+def test_one_limit_answer_is_one_gap_sample_refreshed_until_its_reset_passes():
     calibration = Calibration()
     now = 1000.0
     calibration.observe_limit("glm", "rolling", now, calc_eta=3600, observed_reset=now + 4000,
                               used_fraction=0.85)
     assert calibration.gap_stats("glm", "rolling")["gap_seconds_p50"] == -400.0
     assert calibration.multiplier_samples("glm") == 1
-    assert calibration.sample("glm", "rolling", now + 600, calc_eta=3000)
-    assert calibration.gap_stats("glm", "rolling")["gap_samples"] == 2
+    for tick in range(1, 6):  # the sampler refreshes the same sample, never adds one
+        assert calibration.sample("glm", "rolling", now + tick * 600, calc_eta=3600)
+    stats = calibration.gap_stats("glm", "rolling")
+    assert stats["gap_samples"] == 1 and stats["gap_seconds_p50"] == 2600.0
     assert not calibration.sample("glm", "rolling", now + 4001, calc_eta=10)
-    assert ("glm", "rolling") not in calibration.pending_resets
+    assert ("glm", "rolling") not in calibration.pending
+    assert calibration.gap_stats("glm", "rolling") == {
+        "gap_seconds_p50": 2600.0, "gap_seconds_p95": 2600.0, "gap_samples": 1}
+    # a second limit answer is a second sample
+    calibration.observe_limit("glm", "rolling", now + 5000, calc_eta=100,
+                              observed_reset=now + 5100, used_fraction=None)
+    assert calibration.gap_stats("glm", "rolling")["gap_samples"] == 2
 
 
 def test_probe_file_rows_are_parsed_by_column_name():
@@ -84,9 +92,12 @@ def test_probe_file_rows_are_parsed_by_column_name():
     assert rows[0]["gap_seconds"] == -600.0 and rows[0]["first_429_index"] == 97.0
     assert rows[1]["inferred_multiplier"] is None and rows[2]["model"] is None
     calibration = Calibration()
-    assert calibration.ingest_probe_rows(rows) == 2
+    assert calibration.set_probe_rows(rows) == 2
     assert calibration.multiplier_samples("glm-4.6") == 2
     assert calibration.gap_stats("glm-4.6", "rolling")["gap_seconds_p50"] == -450.0
+    # the file read again (it changed) replaces its samples instead of adding them twice
+    assert calibration.set_probe_rows(rows + rows[:1]) == 3
+    assert calibration.multiplier_samples("glm-4.6") == 3
 
 
 INI = """
@@ -127,9 +138,12 @@ def test_sampler_runs_every_sample_minutes_and_ingests_the_probe_file(tmp_path):
         assert view["calibration"]["multiplier_samples"] == 2 and view["gap_samples"] == 2
         # a pending provider reset is compared with ccpd's ETA at every tick
         governor.engine.record("glm-4.6", clock.seconds(), input_tokens=900)
-        governor.calibration.pending_resets[("glm-4.6", "rolling")] = clock.seconds() + 20000
+        governor.calibration.observe_limit("glm-4.6", "rolling", clock.seconds(), None,
+                                           clock.seconds() + 20000, None)
+        assert governor.model_view("glm-4.6", clock.seconds())["gap_samples"] == 2
         clock.advance(600)
-        assert governor.model_view("glm-4.6", clock.seconds())["gap_samples"] == 3
+        view = governor.model_view("glm-4.6", clock.seconds())
+        assert view["gap_samples"] == 3 and view["calibration"]["multiplier_samples"] == 2
     finally:
         sampler.stopService()
 
