@@ -33,6 +33,20 @@ class Governor:
         self.calibration = Calibration()
         self.quotas_loaded_at = clock.seconds()
         self._probe_mtime: float | None = None
+        self.on_cooldown = None  # called with (model, until) when a cooldown starts
+
+    def restore(self, cooldowns: dict[str, float], usage_rows) -> None:
+        """Resume after a restart: the cooldowns still running and the quota windows rebuilt
+        from stored samples ``(model, ts, input, output, cache_creation, cache_read, seconds)``."""
+        self.policy.cooldowns.update(cooldowns)
+        for model, ts, input_tokens, output_tokens, creation, read, seconds in usage_rows:
+            self.engine.record(model, ts, input_tokens=input_tokens, output_tokens=output_tokens,
+                               cache_creation_input_tokens=creation,
+                               cache_read_input_tokens=read, seconds=seconds)
+        self._update_gauges(self.clock.seconds())
+        if cooldowns or usage_rows:
+            log.info("restored {rows} stored samples into the quota windows and {cooldowns} "
+                     "cooldowns", rows=len(usage_rows), cooldowns=len(cooldowns))
 
     # -- quotas ----------------------------------------------------------------------------------
 
@@ -99,6 +113,9 @@ class Governor:
             None if not current.limit_tokens else current.used_tokens / current.limit_tokens)
         self.metrics.wasted_retry.labels(route.model).inc(max(0.0, wasted_seconds))
         decision = self.policy.after_limit(route, self._secondary_state(route, now), now, window)
+        until = self.policy.cooldowns.get(route.model)
+        if self.on_cooldown is not None and until is not None and until > now:
+            self.on_cooldown(route.model, until)
         self._log_decision(route, decision or Decision(route.lane, route.model, PREFERRED,
                                                        f"{window} limit answer; no lane left"),
                            state, now)

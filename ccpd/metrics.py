@@ -51,6 +51,16 @@ class Metrics:
         self.wasted_retry = Counter(
             "ccp_wasted_retry_seconds", "Time spent on preferred attempts that ended in a limit "
             "answer.", ["model"], registry=r)
+        self.store_writes = Counter(
+            "ccp_store_writes", "Samples written to the store.", registry=r)
+        self.store_write_errors = Counter(
+            "ccp_store_write_errors", "Failed store writes and rollup ticks (retried).",
+            registry=r)
+        self.rollup_duration = Histogram(
+            "ccp_rollup_duration_seconds", "Time a rollup tick took.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.store_size = Gauge(
+            "ccp_store_size_bytes", "Size of the store on disk (database and WAL).", registry=r)
         self.lane_up = Gauge(
             "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
             ["lane"], registry=r)

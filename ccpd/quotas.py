@@ -124,12 +124,16 @@ class Window:
     def add(self, now: float, tokens: int, seconds: float) -> None:
         self.expire(now)
         start = now - now % self.bucket
-        if self._buckets and self._buckets[-1][0] == start:
-            last = self._buckets[-1]
-            last[1] += tokens
-            last[2] += seconds
+        buckets = self._buckets
+        position = len(buckets)
+        while position and buckets[position - 1][0] > start:
+            position -= 1  # an out-of-order (replayed) sample: rare, and near the end
+        if position and buckets[position - 1][0] == start:
+            bucket = buckets[position - 1]
+            bucket[1] += tokens
+            bucket[2] += seconds
         else:
-            self._buckets.append([start, tokens, seconds])
+            buckets.insert(position, [start, tokens, seconds])
         self.tokens += tokens
         self.seconds += seconds
 

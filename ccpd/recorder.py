@@ -30,6 +30,7 @@ class Recorder(service.Service):
         self.reroute_mode = reroute_mode
         self.usage_log: RotatingJSONLWriter | None = None
         self.anomaly_log: RotatingJSONLWriter | None = None
+        self.sinks: list = []  # more consumers of each usage line (the store's writer)
 
     def startService(self):
         super().startService()
@@ -46,7 +47,10 @@ class Recorder(service.Service):
 
     def record(self, exchange) -> None:
         record = exchange.record(self.reroute_mode)
-        self._write(self.usage_log, record.to_dict())
+        line = record.to_dict()
+        self._write(self.usage_log, line)
+        for sink in self.sinks:
+            sink(line)
         for anomaly in exchange.anomalies:
             self.anomaly({"ts": record.ts, "rid": record.rid, "model": record.model,
                           "lane": record.lane, **anomaly})

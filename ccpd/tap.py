@@ -17,7 +17,8 @@ from ccpd.governor import CalibrationSampler, Governor
 from ccpd.lanes import Lanes
 from ccpd.metrics import Metrics
 from ccpd.quotas import ModelQuota, QuotaError, load_quotas
-from ccpd.recorder import Recorder
+from ccpd.recorder import USAGE_LOG, Recorder
+from ccpd.store.service import StoreService
 from ccpd.web.app import CcpdApp, CcpdSite
 
 log = Logger()
@@ -51,20 +52,28 @@ class CcpdService(service.MultiService):
 
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ,
                   quotas: dict[str, ModelQuota] | None = None) -> CcpdService:
-    """The service tree; ``quotas`` defaults to the quotas file of ``config``."""
+    """The service tree; ``quotas`` defaults to the quotas file of ``config``.
+
+    Services start in the order added and stop in reverse: the listener stops first, then the
+    store drains its queue, then the logs close.
+    """
     metrics = Metrics()
     lanes = Lanes(config.lanes, reactor, environ)
     recorder = Recorder(config.logs, metrics, config.routing.reroute_mode)
     governor = Governor(config, load_quotas(config.quotas_file) if quotas is None else quotas,
                         metrics, reactor)
-    app = CcpdApp(config, lanes, recorder, metrics, governor, reactor)
+    store = StoreService(config.store, os.path.join(config.logs.dir, USAGE_LOG), governor,
+                         metrics, reactor)
+    recorder.sinks.append(store.writer.add)
+    app = CcpdApp(config, lanes, recorder, metrics, governor, store, reactor)
     top = CcpdService(config, app)
     if config.logs.json_log:
         JsonLogService(config.logs).setServiceParent(top)
-    lanes.setServiceParent(top)
-    recorder.setServiceParent(top)
-    CalibrationSampler(governor, config.calibration.sample_minutes * 60,
-                       clock=reactor).setServiceParent(top)
+    for child in (lanes, recorder,
+                  CalibrationSampler(governor, config.calibration.sample_minutes * 60,
+                                     clock=reactor),
+                  store):
+        child.setServiceParent(top)
     site = CcpdSite(app.resource(), config.server.max_body_bytes, reactor=reactor)
     top.web = strports.service(config.server.listen, site, reactor=reactor)
     top.web.setServiceParent(top)

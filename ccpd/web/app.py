@@ -15,6 +15,7 @@ from twisted.web import server
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ccpd.quotas import QuotaError
+from ccpd.store import queries
 from ccpd.usage import TokenUsage
 from ccpd.web.proxy import Proxy, error_response
 
@@ -66,6 +67,28 @@ def _json(request, body: dict) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
+def _query_text(request, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def _query_number(request, name: str, default: float, *, integer: bool = False,
+                  low: float = 0.0, high: float = float("inf")) -> float:
+    """A numeric query parameter; ValueError names it when it is not a number in range."""
+    text = _query_text(request, name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, not {text!r}") from None
+    if not low <= value <= high or value != value:
+        bound = f"from {low:g} to {high:g}" if high != float("inf") else f">= {low:g}"
+        raise ValueError(f"{name} must be {bound}, not {text!r}")
+    return value
+
+
 _SIM_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                "cache_read_input_tokens")
 
@@ -97,11 +120,12 @@ def _sim_request(body: bytes) -> dict:
 class CcpdApp:
     app = Klein()
 
-    def __init__(self, config, lanes, recorder, metrics, governor, clock):
+    def __init__(self, config, lanes, recorder, metrics, governor, store, clock):
         self.config = config
         self.lanes = lanes
         self.metrics = metrics
         self.governor = governor
+        self.store = store
         self.clock = clock
         self.proxy = Proxy(config, lanes, recorder, governor, clock)
 
@@ -158,6 +182,38 @@ class CcpdApp:
                               stream_seconds=sim["seconds"], ttft_seconds=None)
         return _json(request, {"model": model,
                                **self.governor.model_view(model, self.clock.seconds())})
+
+    @app.route("/v1/usage/samples", methods=["GET"])
+    async def usage_samples(self, request):
+        try:
+            since = _query_number(request, "since", 0.0)
+            limit = int(_query_number(request, "limit", 1000, integer=True, low=1, high=10000))
+        except ValueError as e:
+            return error_response(request, 400, "invalid_request_error", str(e))
+        rows = await self._query(queries.query_samples, since, _query_text(request, "model"),
+                                 limit)
+        models: dict[str, list] = {}
+        for row in rows:
+            models.setdefault(row["model"], []).append(row)
+        return _json(request, {"models": models, "ts": self.clock.seconds()})
+
+    @app.route("/v1/usage/rollups", methods=["GET"])
+    async def usage_rollups(self, request):
+        granularity = _query_text(request, "granularity") or "hour"
+        try:
+            if granularity not in ("hour", "day"):
+                raise ValueError(f"granularity must be hour or day, not {granularity!r}")
+            since = _query_number(request, "since", 0.0)
+        except ValueError as e:
+            return error_response(request, 400, "invalid_request_error", str(e))
+        models = await self._query(queries.query_rollups, granularity,
+                                   _query_text(request, "model"), since)
+        return _json(request, {"granularity": granularity, "models": models,
+                               "ts": self.clock.seconds()})
+
+    async def _query(self, function, *args):
+        await self.store.ready  # answers wait for the start-up recovery, never miss rows
+        return await self.store.store.run(function, *args)
 
     def _admin_only(self, request) -> bytes | None:
         """None when the request may change state, else the 401 answer."""
