@@ -155,6 +155,9 @@ class Governor:
                   "headroom_pct_rolling": state.rolling.headroom_pct,
                   "headroom_pct_weekly": state.weekly.headroom_pct,
                   "quota_warn_threshold": state.warn_pct if state.quota else None}
+        if state.quota is not None:
+            fields["warn_pct_auto"] = state.warn_pct
+            fields.update(self.calibration.gap_stats(model, "rolling"))
         if decision is not None:
             fields.update(reroute_decision=decision.decision, decision_reason=decision.reason,
                           reroute_attempt=decision.attempt,

@@ -282,6 +282,11 @@ class UsageRecord:
     cooldown_active: bool = False
     cooldown_next_ts: float | None = None
     wasted_retry_ms: int = 0
+    warn_pct_auto: float | None = None
+    gap_seconds_p50: float | None = None
+    gap_seconds_p95: float | None = None
+    gap_samples: int = 0
+    header_mode: str = ""
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in _RECORD_FIELDS}

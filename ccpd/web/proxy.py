@@ -56,6 +56,7 @@ class Exchange:
     stream: bool
     lane: str = ""
     upstream: str = ""
+    header_mode: str = ""      # how the lane's credentials were set: passthrough, env, bearer-env
     served_model: str = ""
     status: int = 0
     err_type: str | None = None
@@ -88,7 +89,8 @@ class Exchange:
             stream_ms=ms(self.first_byte_at, self.last_byte_at),
             dirty_ms=ms(self.started, self.finished_at),
             err_type=self.err_type, upstream=self.upstream, reroute_mode=reroute_mode,
-            wasted_retry_ms=self.wasted_retry_ms, **self.policy_fields,
+            wasted_retry_ms=self.wasted_retry_ms, header_mode=self.header_mode,
+            **self.policy_fields,
         )
 
 
@@ -273,6 +275,7 @@ class Proxy:
         """Send the request to ``lane`` and relay its answer; a return value is ccpd's own
         answer, or with ``hold_limit`` a :class:`_HeldLimitAnswer` that was not relayed."""
         exchange.lane, exchange.upstream = lane.name, lane.upstream
+        exchange.header_mode = lane.config.auth.kind
         try:
             headers = lane.upstream_headers(request.requestHeaders)
         except MissingCredential as e:
