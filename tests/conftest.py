@@ -35,7 +35,7 @@ def fake_upstream(make_fake):
 
 
 def ccpd_ini(tmp_path, upstream_url: str, extra: str = "", zai_url: str | None = None,
-             server_extra: str = "") -> str:
+             server_extra: str = "", store_extra: str = "") -> str:
     quotas = tmp_path / "quotas.json"
     if not quotas.exists():
         quotas.write_text(json.dumps({"models": {}}))
@@ -70,6 +70,7 @@ backups = 2
 
 [store]
 path = {tmp_path}/logs/ccp.sqlite3
+{store_extra}
 {extra}
 """
 
@@ -101,8 +102,9 @@ def start_ccpd(tmp_path):
     running = []
 
     async def start(upstream_url: str, extra: str = "", environ: dict | None = None,
-                    zai_url: str | None = None, server_extra: str = "") -> RunningCcpd:
-        text = ccpd_ini(tmp_path, upstream_url, extra, zai_url, server_extra)
+                    zai_url: str | None = None, server_extra: str = "",
+                    store_extra: str = "") -> RunningCcpd:
+        text = ccpd_ini(tmp_path, upstream_url, extra, zai_url, server_extra, store_extra)
         config = config_from_string(text, source="test.ini", environ={})
         service = build_service(config, reactor, environ if environ is not None
                                 else {"ZAI_TEST_KEY": "zai-secret-key-123"})
