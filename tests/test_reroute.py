@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
+import subprocess
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet.threads import deferToThread
@@ -208,3 +211,26 @@ async def test_usage_sim_and_the_admin_token(tmp_path, start_ccpd, fake_upstream
     bad = await treq.post(ccpd.url + "/v1/usage/sim", data=b'{"model": "x", "input_tokens": -1}',
                           headers=admin)
     assert bad.code == 400 and b"input_tokens" in await bad.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_pass_promtool_after_every_kind_of_traffic(tmp_path, start_ccpd,
+                                                                 make_fake):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package 'prometheus')")
+    write_quotas(tmp_path, **{"glm-4.6": {"rolling_limit_tokens": 10, "warn_pct": 0.5}})
+    ccpd, anthropic, zai = await start_pair(start_ccpd, make_fake, "hybrid", limit_tokens=0)
+    await (await post(ccpd.url + "/v1/messages", GLM)).content()                  # rerouted
+    await (await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True})).content()
+    await (await treq.get(ccpd.url + "/readyz")).content()
+    await ccpd.service.getServiceNamed("store-service").roller.tick()
+    text = await metrics_text(ccpd)
+    checked = await deferToThread(subprocess.run, [promtool, "check", "metrics"],
+                                  input=text.encode(), capture_output=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    for name in ("ccp_requests_total", "ccp_tokens_total", "ccp_quota_headroom_ratio",
+                 "ccp_rerouted_on_limit_total", "ccp_wasted_retry_seconds_total",
+                 "ccp_store_writes_total", "ccp_rollup_duration_seconds_count",
+                 "ccp_store_size_bytes", "ccp_lane_up"):
+        assert name in text
