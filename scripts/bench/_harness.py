@@ -59,7 +59,17 @@ def machine() -> dict:
                 break
     return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(),
             "kernel": platform.release(), "pinned": bool(_taskset(0)),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "ccpd_commit": _git("rev-parse", "--short", "HEAD"),
+            "ccpd_tree_modified": bool(_git("status", "--porcelain", "--", "ccpd", "twisted"))}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -151,7 +161,10 @@ class Stack:
             f"[store]\npath = {os.path.join(self.tmp, 'ccp.sqlite3')}\n")
         self.ccpd = self._spawn([TWISTD, "-n", "--pidfile=", "ccpd", "--config", config],
                                 CCPD_CPU, "ccpd.log")
-        _wait_for(lambda: _healthy(self.proxy_port), "ccpd /healthz", proc=self.ccpd)
+        try:
+            _wait_for(lambda: _healthy(self.proxy_port), "ccpd /healthz", proc=self.ccpd)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; ccpd log:\n{self.ccpd_log()[-2000:]}") from None
 
     def ccpd_log(self) -> str:
         return Path(self.tmp, "ccpd.log").read_text(errors="replace")

@@ -5,7 +5,8 @@
   p50 proxied minus p50 direct, alternating direct and proxied requests on one connection each.
 - Gaps: streams of ``EVENTS`` deltas with ``x-fake-interval-ms: 20``; every gap between
   consecutive delta arrivals minus the 20 ms the upstream waits, at 1 and at 100 concurrent
-  streams, direct and proxied. The target is judged on the proxied p99 of (gap - 20 ms), which
+  streams, direct and proxied (the streams of a wave start spread evenly over one interval, so
+  their events are not all due in the same millisecond). The target is judged on the proxied p99 of (gap - 20 ms), which
   also holds the fake upstream's own timer and scheduling lateness (seen in the direct column).
 - Fidelity: every stream must carry all its deltas in order, and every proxied body must equal
   byte for byte the body the fake upstream sends directly for the same request.
@@ -68,8 +69,9 @@ async def gaps(port: int, concurrency: int, rounds: int, reference: bytes) -> di
     added: list[int] = []
     bad_order = mismatched = failed = 0
 
-    async def one() -> None:
+    async def one(delay: float) -> None:
         nonlocal bad_order, mismatched, failed
+        await asyncio.sleep(delay)
         conn = await h.Connection.open(port)
         try:
             response = await conn.request(raw)
@@ -84,7 +86,8 @@ async def gaps(port: int, concurrency: int, rounds: int, reference: bytes) -> di
         mismatched += response.body != reference
 
     for _ in range(rounds):
-        await asyncio.gather(*(one() for _ in range(concurrency)))
+        await asyncio.gather(*(one(i * INTERVAL_MS / 1000 / concurrency)
+                               for i in range(concurrency)))
     return {"streams": concurrency * rounds, "failed": failed, "gaps": len(added),
             "bad_order": bad_order, "bytes_mismatched": mismatched,
             **{f"added_{k}": v for k, v in h.summary_ms(added).items()}}
