@@ -14,7 +14,11 @@ from typing import Mapping
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool,
+                                _HTTP11ClientFactory)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -78,7 +82,8 @@ class Lane:
         # The proxy path talks to the bare Agent: a gateway must not follow redirects, keep
         # cookies or decode gzip the way treq's HTTPClient does for its callers. The treq client
         # over the same Agent and pool serves ccpd's own calls (the readiness probe).
-        self.agent = Agent(reactor, connectTimeout=config.connect_timeout_s, pool=self.pool)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, _LaneEndpoints(reactor, config.connect_timeout_s), pool=self.pool)
         self.client = HTTPClient(self.agent)
         self._probe_waiters: list[defer.Deferred] | None = None
         self.last_probe: ProbeResult | None = None
@@ -166,6 +171,31 @@ class Lane:
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
+
+
+@implementer(IAgentEndpointFactory)
+class _LaneEndpoints:
+    """A lane's endpoints, made once per host: the stock factory builds (and IDNA-encodes) a
+    new one for every request, a measurable share of a proxied request's CPU time."""
+
+    def __init__(self, reactor, connect_timeout: float):
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port),
+                                         endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

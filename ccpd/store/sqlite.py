@@ -10,7 +10,7 @@ from twisted.enterprise import adbapi
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ccpd.store import IStore
+from ccpd.store.interface import IStore
 from ccpd.store.schema import migrate
 
 log = Logger()
