@@ -86,6 +86,8 @@ class Governor:
         return self.state(route.secondary_model or route.model, now)
 
     def decide(self, route: Route) -> Decision:
+        if route.secondary_lane is None and route.model not in self.engine.quotas:
+            return Decision(route.lane, route.model, PREFERRED)  # no quota, nowhere to go
         now = self.clock.seconds()
         state = self.state(route.model, now)
         decision = self.policy.decide(route, state, self._secondary_state(route, now), now,
@@ -149,15 +151,14 @@ class Governor:
 
     def usage_fields(self, model: str, decision: Decision | None) -> dict:
         """The policy and quota fields of a usage line, after the request was accounted."""
-        now = self.clock.seconds()
-        state = self.state(model, now)
-        fields = {"quota_headroom_pct": state.headroom_pct,
-                  "headroom_pct_rolling": state.rolling.headroom_pct,
-                  "headroom_pct_weekly": state.weekly.headroom_pct,
-                  "quota_warn_threshold": state.warn_pct if state.quota else None}
-        if state.quota is not None:
-            fields["warn_pct_auto"] = state.warn_pct
-            fields.update(self.calibration.gap_stats(model, "rolling"))
+        fields = {}
+        if model in self.engine.quotas:
+            state = self.state(model, self.clock.seconds())
+            fields = {"quota_headroom_pct": state.headroom_pct,
+                      "headroom_pct_rolling": state.rolling.headroom_pct,
+                      "headroom_pct_weekly": state.weekly.headroom_pct,
+                      "quota_warn_threshold": state.warn_pct, "warn_pct_auto": state.warn_pct,
+                      **self.calibration.gap_stats(model, "rolling")}
         if decision is not None:
             fields.update(reroute_decision=decision.decision, decision_reason=decision.reason,
                           reroute_attempt=decision.attempt,
@@ -178,7 +179,8 @@ class Governor:
                            cache_read_input_tokens=usage.cache_read_input_tokens,
                            seconds=seconds, stream_seconds=stream_seconds,
                            ttft_seconds=ttft_seconds)
-        self._update_gauges(now, [model])
+        if model in self.engine.quotas:
+            self._update_gauges(now, [model])
 
     def _update_gauges(self, now: float, models=None) -> None:
         for model in models if models is not None else list(self.engine.quotas):

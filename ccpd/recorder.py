@@ -31,6 +31,7 @@ class Recorder(service.Service):
         self.usage_log: RotatingJSONLWriter | None = None
         self.anomaly_log: RotatingJSONLWriter | None = None
         self.sinks: list = []  # more consumers of each usage line (the store's writer)
+        self._children: dict[tuple, object] = {}
 
     def startService(self):
         super().startService()
@@ -68,14 +69,21 @@ class Recorder(service.Service):
                       path=getattr(writer, "path", "?"), error=str(e))
 
     def _count(self, record) -> None:
-        m = self.metrics
         lane, model = record.lane, record.model
-        m.requests.labels(lane, model, str(record.status)).inc()
+        self._child("requests", lane, model, str(record.status)).inc()
         for kind, value in (("input", record.input_tokens), ("output", record.output_tokens),
                             ("cache_creation", record.cache_creation_input_tokens),
                             ("cache_read", record.cache_read_input_tokens)):
             if value > 0:
-                m.tokens.labels(lane, model, kind).inc(value)
-        m.request_duration.labels(lane, model).observe(record.dirty_ms / 1000.0)
+                self._child("tokens", lane, model, kind).inc(value)
+        self._child("request_duration", lane, model).observe(record.dirty_ms / 1000.0)
         if record.status < 400 and record.ttft_ms:
-            m.ttft.labels(lane, model).observe(record.ttft_ms / 1000.0)
+            self._child("ttft", lane, model).observe(record.ttft_ms / 1000.0)
+
+    def _child(self, metric: str, *labels: str):
+        """A labelled metric, looked up once: ``labels()`` is a measurable cost per request."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = getattr(self.metrics, metric).labels(*labels)
+        return child

@@ -69,9 +69,11 @@ def roll(cursor, since: float, now: float) -> dict:
     Only Messages requests (``op = 'messages'``) are rolled up."""
     # never recompute hours whose samples the sample TTL may already have trimmed
     first_hour = math.floor(max(since, now - SAMPLE_TTL_S + HOUR) / HOUR) * HOUR
-    cursor.execute("SELECT model, ts, input_tokens, output_tokens, dirty_s, stream_s, ttft_ms, "
-                   "status FROM usage_sample WHERE ts >= ? AND ts < ? AND op = 'messages'",
-                   (first_hour, now + HOUR))
+    # coalesce: rows imported from elsewhere may lack a value; one NULL must not stop rollups
+    cursor.execute("SELECT model, ts, coalesce(input_tokens, 0), coalesce(output_tokens, 0), "
+                   "coalesce(dirty_s, 0), coalesce(stream_s, 0), coalesce(ttft_ms, 0), "
+                   "coalesce(status, 0) FROM usage_sample "
+                   "WHERE ts >= ? AND ts < ? AND op = 'messages'", (first_hour, now + HOUR))
     hours: dict[tuple[float, str], list] = defaultdict(list)
     for row in cursor.fetchall():
         hours[(math.floor(row[1] / HOUR) * HOUR, row[0])].append(row)
