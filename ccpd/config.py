@@ -49,9 +49,7 @@ class LaneConfig:
     @property
     def reset_tzinfo(self) -> timezone:
         """``reset_tz`` as a tzinfo (the zone of wall-clock reset times in limit messages)."""
-        sign = -1 if self.reset_tz.startswith("-") else 1
-        hours, minutes = self.reset_tz.lstrip("+-").split(":")
-        return timezone(sign * timedelta(hours=int(hours), minutes=int(minutes)))
+        return utc_offset(self.reset_tz)
 
 
 @dataclass(frozen=True)
@@ -206,6 +204,13 @@ def _path(text: str) -> str:
 
 
 _TZ = re.compile(r"^([+-])(\d{2}):(\d{2})$")
+
+
+def utc_offset(text: str) -> timezone:
+    """A validated ``+08:00``-style offset as a tzinfo."""
+    sign = -1 if text.startswith("-") else 1
+    hours, minutes = _tz_offset(text).lstrip("+-").split(":")
+    return timezone(sign * timedelta(hours=int(hours), minutes=int(minutes)))
 
 
 def _tz_offset(text: str) -> str:

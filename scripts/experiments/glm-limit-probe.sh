@@ -91,22 +91,24 @@ model="${model:-$default_model}"
 [[ "$url" == *://* ]] || url="http://$url"
 url="${url%/}"
 
-exec python3 - "$url" "$vendor" "$model" "$repeat" "$tokens" "$results" "$api_key" \
-    "$reset_tz" "$timeout" <<'PY'
+exec python3 - "$REPO_ROOT" "$url" "$vendor" "$model" "$repeat" "$tokens" "$results" \
+    "$api_key" "$reset_tz" "$timeout" <<'PY'
 import json
 import os
-import re
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
 
 PROG = "glm-limit-probe"
-(url, vendor, model, repeat, tokens, results, api_key, reset_tz,
+(repo_root, url, vendor, model, repeat, tokens, results, api_key, reset_tz,
  timeout) = sys.argv[1:]
+# ccpd's own (stdlib-only) readers of limit answers, so the probe reads them as ccpd does
+sys.path.insert(0, repo_root)
+from ccpd.config import utc_offset  # noqa: E402
+from ccpd.policy import limit_window, observed_reset  # noqa: E402
 repeat, tokens, timeout = int(repeat), int(tokens), float(timeout)
 
 COLUMNS = ("timestamp", "vendor", "model", "repeat", "tokens", "first_429_index",
@@ -128,13 +130,7 @@ def fail(message, code=2):
     sys.exit(code)
 
 
-def tz_from(text):
-    sign = -1 if text.startswith("-") else 1
-    hours, minutes = text[1:].split(":")
-    return timezone(sign * timedelta(hours=int(hours), minutes=int(minutes)))
-
-
-RESET_TZ = tz_from(reset_tz)
+RESET_TZ = utc_offset(reset_tz)
 
 
 def call(method, path, body=None):
@@ -174,54 +170,6 @@ def error_of(body):
         return {}
     error = answer.get("error") if isinstance(answer, dict) else None
     return error if isinstance(error, dict) else {}
-
-
-def limit_kind(status, error):
-    """'rolling' or 'weekly' when the answer is a provider limit, else None (as ccpd reads it:
-    Z.AI 1310 is the weekly cap, 1308 / 429 / rate_limit_error the 5-hour one)."""
-    code = str(error.get("code") or "")
-    if code == "1310":
-        return "weekly"
-    if code == "1308" or status == 429 or error.get("type") == "rate_limit_error":
-        return "rolling"
-    return None
-
-
-ZAI_RESET = re.compile(r"reset(?:s)? at (\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?)")
-RATELIMIT_RESETS = ("anthropic-ratelimit-tokens-reset", "anthropic-ratelimit-input-tokens-reset",
-                    "anthropic-ratelimit-output-tokens-reset",
-                    "anthropic-ratelimit-requests-reset")
-
-
-def epoch(text, default_tz):
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=default_tz)
-    return moment.timestamp()
-
-
-def observed_reset(headers, message, now):
-    """When the provider says its limit lifts (epoch), from Z.AI's "reset at", the
-    anthropic-ratelimit-*-reset headers or retry-after; None when unknown."""
-    found = ZAI_RESET.search(message or "")
-    if found and (when := epoch(found.group(1), RESET_TZ)) is not None:
-        return when
-    resets = [when for name in RATELIMIT_RESETS
-              if (value := headers.get(name)) and (when := epoch(value, timezone.utc))]
-    if resets:
-        return max(resets)
-    retry_after = (headers.get("retry-after") or "").strip()
-    if retry_after.isdigit():
-        return now + int(retry_after)
-    if retry_after:
-        try:
-            return parsedate_to_datetime(retry_after).timestamp()
-        except (TypeError, ValueError):
-            return None
-    return None
 
 
 def number(value, digits):
@@ -288,7 +236,7 @@ for index in range(1, repeat + 1):
         continue
     error = error_of(body)
     message = str(error.get("message") or "")
-    kind = limit_kind(status, error)
+    kind = limit_window(status, str(error.get("code") or error.get("type") or "") or None)
     if kind is None:
         fail(f"request {index} got HTTP {status} ({error.get('type') or error.get('code')}: "
              f"{message or body[:200]!r}), not a limit answer; no row written", code=1)
@@ -299,7 +247,7 @@ for index in range(1, repeat + 1):
         break
     first_limit = index
     now = time.time()
-    reset = observed_reset(headers, message, now)
+    reset = observed_reset(headers, message, now, RESET_TZ)
     window = before.get(kind) or {}
     limit = window.get("limit_tokens")
     used, headroom = window.get("used_tokens"), window.get("headroom_tokens")
