@@ -74,7 +74,7 @@ class StoreService(service.MultiService):
 
     async def _recover(self) -> None:
         await self.store.ready
-        if self.config.persist:
+        if self.config.persist and self.running:
             since = self.started_at - queries.SAMPLE_TTL_S
             inserted, oldest = await self.store.run(recover_from_log, self.usage_log, since)
             if inserted:
@@ -90,7 +90,8 @@ class StoreService(service.MultiService):
             self.roller.mark(newest if newest is not None else
                              await self.store.run(queries.oldest_sample) or self.started_at)
         # the roller starts only now, so its first tick sees the recovered samples
-        self.roller.setServiceParent(self)
+        if self.running:
+            self.roller.setServiceParent(self)
 
     def _recovery_failed(self, failure) -> None:
         log.failure("store start-up failed; samples still go to usage.jsonl", failure)

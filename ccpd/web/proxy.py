@@ -211,9 +211,12 @@ class Proxy:
         finally:
             exchange.finished_at = self.clock.seconds()
             if op == "messages":
-                self._account(exchange)
-                exchange.policy_fields = self.governor.usage_fields(
-                    exchange.sent_model, exchange.decision or decision)
+                try:
+                    self._account(exchange)
+                    exchange.policy_fields = self.governor.usage_fields(
+                        exchange.sent_model, exchange.decision or decision)
+                except Exception:  # noqa: BLE001 - the usage line must be written regardless
+                    log.failure("quota accounting failed for {rid}", rid=exchange.rid)
             self.recorder.record(exchange)
 
     async def _messages(self, request, route, decision, body, payload, exchange) -> bytes | None:
