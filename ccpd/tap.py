@@ -8,6 +8,7 @@ import os
 from typing import Mapping
 
 from twisted.application import service, strports
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -22,6 +23,8 @@ from ccpd.store.service import StoreService
 from ccpd.web.app import CcpdApp, CcpdSite
 
 log = Logger()
+
+STOP_GRACE_S = 10.0  # systemd's default stop timeout is 90 s
 
 
 class Options(usage.Options):
@@ -49,13 +52,25 @@ class CcpdService(service.MultiService):
                  default=self.config.routing.default_lane)
         super().startService()
 
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop listening, let the requests in flight finish (for at most ``STOP_GRACE_S``,
+        then cut them off, which still writes their usage lines), then stop the rest in
+        reverse order: the store drains its queue before the logs close."""
+        service.Service.stopService(self)
+        yield self.web.stopService()
+        yield self.app.proxy.drain(STOP_GRACE_S)
+        for child in reversed(list(self)):
+            if child is not self.web and child.running:
+                yield child.stopService()
+
 
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ,
                   quotas: dict[str, ModelQuota] | None = None) -> CcpdService:
     """The service tree; ``quotas`` defaults to the quotas file of ``config``.
 
-    Services start in the order added and stop in reverse: the listener stops first, then the
-    store drains its queue, then the logs close.
+    Services start in the order added and stop in reverse (see
+    :meth:`CcpdService.stopService`).
     """
     metrics = Metrics()
     lanes = Lanes(config.lanes, reactor, environ)

@@ -15,6 +15,8 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 
+from ccpd import tap
+
 SECRET = "sk-ant-client-secret-0123456789"
 ZAI_SECRET = "zai-secret-key-123"
 
@@ -221,6 +223,8 @@ async def test_non_json_body_is_400(fake_upstream, start_ccpd):
     assert await error_of(await post(ccpd.url + "/v1/messages", b"[1, 2]")) == \
         (400, "invalid_request_error")
     assert fake_upstream.requests == []
+    assert [(line["status"], line["err_type"], line["lane"]) for line in ccpd.usage_lines()] == \
+        [(400, "invalid_request_error", "")] * 2
 
 
 @pytest_twisted.ensureDeferred
@@ -295,6 +299,38 @@ async def test_client_disconnect_cancels_the_upstream_request(fake_upstream, sta
     await until(lambda: len(ccpd.usage_lines()) == 1)
     [line] = ccpd.usage_lines()
     assert line["status"] == 499 and line["err_type"] == "client_disconnected"
+    # the provider charged the prompt: message_start's usage is accounted all the same
+    assert line["input_tokens"] == 12 and line["output_tokens"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_lets_requests_in_flight_finish_and_logs_them(fake_upstream, start_ccpd):
+    ccpd = await start_ccpd(fake_upstream.url())
+    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
+                          {"x-fake-events": "20", "x-fake-interval-ms": "25"}, unbuffered=True)
+    reader = _Collect()
+    response.deliverBody(reader)
+    await until(lambda: b"content_block_delta" in reader.data)
+    await ccpd.service.stopService()
+    await until(lambda: reader.done.called)
+    assert reader.data.rstrip().endswith(b'data: {"type":"message_stop"}')
+    [line] = ccpd.usage_lines()
+    assert line["status"] == 200 and line["output_tokens"] == 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_cuts_off_endless_requests_after_the_grace_and_still_logs_them(
+        fake_upstream, start_ccpd, monkeypatch):
+    monkeypatch.setattr(tap, "STOP_GRACE_S", 0.3)
+    ccpd = await start_ccpd(fake_upstream.url())
+    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
+                          {"x-fake-scenario": "hang-after-headers"}, unbuffered=True)
+    reader = _Collect()
+    response.deliverBody(reader)
+    await until(lambda: b"message_start" in reader.data)
+    await ccpd.service.stopService()
+    [line] = ccpd.usage_lines()
+    assert line["status"] == 499 and line["input_tokens"] == 12
 
 
 # -- ops endpoints ------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class Exchange:
 
         return UsageRecord(
             ts=self.started, rid=self.rid, model=self.model,
-            served_model=self.served_model or self.model, lane=self.lane, op=self.op,
+            served_model=self.served_model or self.sent_model or self.model, lane=self.lane,
+            op=self.op,
             stream=self.stream, status=self.status,
             input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
             cache_creation_input_tokens=self.usage.cache_creation_input_tokens,
@@ -172,57 +173,92 @@ class Proxy:
         self.recorder = recorder
         self.governor = governor
         self.clock = clock
+        self.active: dict[str, object] = {}  # rid -> request, while it is being served
+        self._drained: list[defer.Deferred] = []
 
     async def handle(self, request, op: str) -> bytes | None:
-        """Serve one proxied request. ``op``: messages, count_tokens or passthrough."""
-        started = self.clock.seconds()
+        """Serve one proxied request. ``op``: messages, count_tokens or passthrough.
+
+        Every request ends as one usage line, ccpd's own 400 and 413 answers included.
+        """
+        exchange = Exchange(rid=uuid4().hex, started=self.clock.seconds(), op=op, model="",
+                            stream=False)
+        self.active[exchange.rid] = request
+        try:
+            return await self._serve(request, op, exchange)
+        except defer.CancelledError:
+            exchange.status, exchange.err_type = 499, "client_disconnected"
+            raise
+        finally:
+            exchange.finished_at = self.clock.seconds()
+            if op == "messages" and exchange.status != 0:
+                try:
+                    self._account(exchange)
+                    exchange.policy_fields = self.governor.usage_fields(exchange.model,
+                                                                        exchange.decision)
+                except Exception:  # noqa: BLE001 - the usage line must be written regardless
+                    log.failure("quota accounting failed for {rid}", rid=exchange.rid)
+            self.recorder.record(exchange)
+            del self.active[exchange.rid]
+            if not self.active:
+                waiters, self._drained = self._drained, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    async def _serve(self, request, op: str, exchange: Exchange) -> bytes | None:
         if getattr(request, "body_too_large", False):
-            return error_response(
-                request, 413, "request_too_large",
-                f"request body exceeds {self.config.server.max_body_bytes} bytes")
+            return self._refused(request, exchange, 413, "request_too_large",
+                                 f"request body exceeds {self.config.server.max_body_bytes} bytes")
         body = request.content.read()
-        model, stream, payload = "", False, None
+        payload = None
         if op != "passthrough":
             try:
                 payload = json.loads(body)
                 if not isinstance(payload, dict):
                     raise ValueError("the body must be a JSON object")
             except ValueError as e:
-                return error_response(request, 400, "invalid_request_error",
-                                      f"request body is not valid JSON: {e}")
-            model = payload.get("model") if isinstance(payload.get("model"), str) else ""
-            stream = op == "messages" and payload.get("stream") is True
-            route = self.config.route_for(model)
+                return self._refused(request, exchange, 400, "invalid_request_error",
+                                     f"request body is not valid JSON: {e}")
+            model = payload.get("model")
+            exchange.model = exchange.sent_model = model if isinstance(model, str) else ""
+            exchange.stream = op == "messages" and payload.get("stream") is True
+            route = self.config.route_for(exchange.model)
         else:
             route = self.config.route_for(None)
-        exchange = Exchange(rid=uuid4().hex, started=started, op=op, model=model, stream=stream,
-                            sent_model=model)
-        decision = None
-        try:
-            if op == "messages":
-                decision = self.governor.decide(route)
-                if decision.decision == BLOCKED:
-                    return self._blocked(request, route, decision, exchange)
-                return await self._messages(request, route, decision, body, payload, exchange)
-            return await self.forward(request, self.lanes[route.lane], body, exchange)
-        except defer.CancelledError:
-            exchange.status, exchange.err_type = 499, "client_disconnected"
-            raise
-        finally:
-            exchange.finished_at = self.clock.seconds()
-            if op == "messages":
-                try:
-                    self._account(exchange)
-                    exchange.policy_fields = self.governor.usage_fields(
-                        exchange.sent_model, exchange.decision or decision)
-                except Exception:  # noqa: BLE001 - the usage line must be written regardless
-                    log.failure("quota accounting failed for {rid}", rid=exchange.rid)
-            self.recorder.record(exchange)
+        if op == "messages":
+            decision = exchange.decision = self.governor.decide(route)
+            if decision.decision == BLOCKED:
+                return self._blocked(request, route, decision, exchange)
+            return await self._messages(request, route, decision, body, payload, exchange)
+        return await self.forward(request, self.lanes[route.lane], body, exchange)
+
+    def _refused(self, request, exchange: Exchange, status: int, error_type: str,
+                 message: str) -> bytes:
+        """ccpd refuses the request itself (a client error): no lane, no anomaly."""
+        exchange.status, exchange.err_type = status, error_type
+        return error_response(request, status, error_type, message)
+
+    def drain(self, grace: float) -> defer.Deferred:
+        """Fires once no request is being served. Requests still running after ``grace``
+        seconds are cut off (their usage lines are written with status 499)."""
+        if not self.active:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._drained.append(waiter)
+
+        def cut_off():
+            for request in list(self.active.values()):
+                if request.transport is not None:
+                    request.transport.abortConnection()
+
+        timer = self.clock.callLater(grace, cut_off)
+        waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return waiter
 
     async def _messages(self, request, route, decision, body, payload, exchange) -> bytes | None:
         """A Messages request under the reroute policy: one attempt, and one reroute when the
         preferred lane answers with a limit before anything reached the client."""
-        exchange.decision, exchange.sent_model = decision, decision.model
+        exchange.sent_model = decision.model
         attempt_started = self.clock.seconds()
         lane = self.lanes[decision.lane]
         result = await self.forward(request, lane, _with_model(body, payload, decision.model),
@@ -371,6 +407,8 @@ class Proxy:
         try:
             await relay.done
         except defer.CancelledError:
+            # the client went away: the provider still charges what it reported so far
+            self._account_body(response, exchange, accountant, kept)
             raise
         except Exception as e:  # noqa: BLE001 - the upstream went away or fell silent mid-body
             error_type, message = (
