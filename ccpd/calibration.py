@@ -26,6 +26,7 @@ from ccpd.quotas import percentile
 WINDOWS = ("rolling", "weekly")
 MIN_SAMPLES = 5
 RING_SIZE = 128
+SAME_EVENT_S = 60.0
 _FULL_CONFIDENCE_SAMPLES = 20
 _WARN_FLOOR, _WARN_CEILING = 0.05, 0.99
 
@@ -66,6 +67,7 @@ class Calibration:
         self._probe_gaps: dict[tuple[str, str], list[float]] = {}
         self._probe_multipliers: dict[str, list[float]] = {}
         self.pending: dict[tuple[str, str], _PendingReset] = {}
+        self._last_event: dict[tuple[str, str], float] = {}
 
     def _ring(self, table: dict, key) -> deque:
         ring = table.get(key)
@@ -81,15 +83,29 @@ class Calibration:
             self._ring(self._multipliers, model).append(float(multiplier))
 
     def observe_limit(self, model: str, window: str, now: float, calc_eta: float | None,
-                      observed_reset: float | None, used_fraction: float | None) -> None:
+                      observed_reset: float | None, used_fraction: float | None) -> bool:
         """A provider limit answer: a pending gap sample (when the provider said when its
-        limit lifts) and a multiplier sample (when the window has a configured limit)."""
+        limit lifts) and a multiplier sample (when the window has a configured limit).
+
+        Answers naming the same reset (within ``SAME_EVENT_S``), or with no reset within
+        ``SAME_EVENT_S`` of the last one, are one event: run2cap meets the same cap on every
+        request, and that is one piece of evidence, not thirty. True for a new event."""
+        key = (model, window)
+        pending = self.pending.get(key)
+        last = self._last_event.get(key)
         if observed_reset is not None and observed_reset > now:
+            if pending is not None and abs(pending.reset_at - observed_reset) <= SAME_EVENT_S:
+                self.sample(model, window, now, calc_eta)
+                return False
             self._settle(model, window)
-            self.pending[(model, window)] = _PendingReset(
+            self.pending[key] = _PendingReset(
                 observed_reset, None if calc_eta is None else calc_eta - (observed_reset - now))
+        elif last is not None and now - last <= SAME_EVENT_S:
+            return False
+        self._last_event[key] = now
         if used_fraction is not None:
             self.add_multiplier(model, used_fraction)
+        return True
 
     def sample(self, model: str, window: str, now: float, calc_eta: float | None) -> bool:
         """The sampler's tick: while a reported reset is still ahead, refresh its gap from the

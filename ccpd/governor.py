@@ -126,14 +126,18 @@ class Governor:
         return decision
 
     def retry_after(self, route: Route) -> int:
-        """Whole seconds until some lane of ``route`` has room for a typical request."""
+        """Whole seconds until some lane of ``route`` has room for a typical request (the
+        preferred lane also not before its cooldown ends)."""
         now = self.clock.seconds()
-        models = [route.model] + ([route.secondary_model or route.model]
-                                  if route.secondary_lane else [])
-        waits = []
-        for model in models:
+
+        def wait_for(model: str) -> float:
             need = max(self.engine.state(model, now).predicted_need, 1)
-            waits.append(self.engine.seconds_until_room(model, need, now))
+            return self.engine.seconds_until_room(model, need, now)
+
+        until = self.policy.cooldown_until(route.model, now)
+        waits = [max(wait_for(route.model), until - now if until else 0.0)]
+        if route.secondary_lane:
+            waits.append(wait_for(route.secondary_model or route.model))
         return max(1, math.ceil(min(waits)))
 
     def _log_decision(self, route: Route, decision: Decision, state: QuotaState,

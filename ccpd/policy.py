@@ -144,7 +144,9 @@ class Policy:
             reason = (f"headroom {headroom_tokens} tokens < predicted need {need}"
                       if short else f"quota blocks {model}")
             last = self.overshoot_at.get(model)
-            if last is None or now - last >= self.cooldown_sec:
+            # one overshoot per cooldown window; with no cooldown there is no window, and no
+            # overshoot: hybrid then reroutes as soon as the headroom is short
+            if self.cooldown_sec > 0 and (last is None or now - last >= self.cooldown_sec):
                 self.overshoot_at[model] = now
                 return Decision(route.lane, model, PREFERRED, f"overshoot attempt: {reason}",
                                 cooldown_active=until is not None, cooldown_next_ts=until)

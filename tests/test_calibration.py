@@ -164,3 +164,19 @@ def test_a_failing_tick_does_not_stop_the_sampler(tmp_path):
     clock.advance(600)
     sampler.stopService()
     assert len(calls) == 3  # at start, then every 600 s despite the first failure
+
+
+def test_repeated_answers_of_one_limit_event_are_one_sample():
+    calibration = Calibration()
+    now = 1000.0
+    for i in range(30):  # run2cap meets the same cap on every request
+        assert calibration.observe_limit("glm", "rolling", now + i, calc_eta=3600,
+                                         observed_reset=now + 4000, used_fraction=0.9) == (i == 0)
+    assert calibration.gap_stats("glm", "rolling")["gap_samples"] == 1
+    assert calibration.multiplier_samples("glm") == 1
+    assert not calibration.auto_warn("glm", 0.8, WINDOW).min_samples_reached
+    # answers that name no reset: one event per minute at most
+    for t in (0, 30, 59):
+        calibration.observe_limit("glm", "weekly", now + t, None, None, 0.5)
+    calibration.observe_limit("glm", "weekly", now + 200, None, None, 0.5)
+    assert calibration.multiplier_samples("glm") == 3

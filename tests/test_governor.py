@@ -88,3 +88,20 @@ def test_blocked_retry_after_counts_down_with_the_clock(tmp_path):
     first = gov.retry_after(solo)
     clock.advance(3600)
     assert gov.retry_after(solo) == first - 3600
+
+
+def test_retry_after_waits_for_the_cooldown_when_the_secondary_is_full_too(tmp_path):
+    gov, clock, config = governor(tmp_path)
+    gov.engine.set_quotas({**gov.engine.quotas,
+                           "claude-x": ModelQuota(rolling_limit_tokens=100)})
+    gov.account("claude-x", TokenUsage(input_tokens=100), seconds=1.0, stream_seconds=0.5,
+                ttft_seconds=None)
+    clock.advance(5 * 3600 - 10)  # the secondary's usage frees in about 70 s
+    route, lane = config.route_for("glm-4.6"), type("Lane", (), {"config": config.lanes["zai"]})
+    assert gov.after_limit(route, lane, 429, "1308", {}, None, 0.1) is None  # nowhere to go
+    assert gov.decide(route).decision == "blocked"
+    assert 60 <= gov.retry_after(route) <= 80  # the secondary frees before the cooldown ends
+    clock.advance(200)
+    gov.account("claude-x", TokenUsage(input_tokens=100), seconds=1.0, stream_seconds=0.5,
+                ttft_seconds=None)
+    assert gov.retry_after(route) == 100  # now the cooldown (300 s from the answer) is sooner

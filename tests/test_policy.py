@@ -117,3 +117,9 @@ def test_reset_times_from_each_source():
         datetime(2027, 1, 15, 8, tzinfo=timezone.utc).timestamp()
     assert observed_reset({}, "no time here", now) is None
     assert observed_reset({"retry-after": "soon"}, None, now) is None
+
+
+def test_hybrid_without_cooldown_reroutes_as_soon_as_headroom_is_short():
+    policy = Policy("hybrid", 0)
+    decision = decide(policy, standing(900))
+    assert decision.decision == REROUTED_QUOTA and "predicted need" in decision.reason
