@@ -287,6 +287,7 @@ class UsageRecord:
     gap_seconds_p95: float | None = None
     gap_samples: int = 0
     header_mode: str = ""
+    upstream_model: str = ""
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in _RECORD_FIELDS}

@@ -15,6 +15,7 @@ import pytest
 
 from ccpd.cli import main
 from ccpd.store.queries import SAMPLE_COLUMNS
+from ccpd.store.schema import LATEST
 
 CCP = Path(sys.executable).with_name("ccp")
 NOW = time.time()
@@ -96,7 +97,7 @@ def test_import_counts_stores_rows_and_is_idempotent(tmp_path, usage_log, capsys
 
 def test_import_migrates_the_store_like_ccpd(store):
     with sqlite3.connect(store) as connection:
-        assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 2
+        assert connection.execute("SELECT max(version) FROM schema_version").fetchone()[0] == LATEST
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -209,7 +210,7 @@ def test_status_text_after_import(store, capsys):
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     assert fields["store"] == str(store)
     assert fields["size"].endswith(" KB") or " KB (+ WAL" in fields["size"]
-    assert fields["schema version"] == "2"
+    assert fields["schema version"] == str(LATEST)
     assert fields["samples"] == "5"
     assert fields["hour rollups"] == "0" and fields["day rollups"] == "0"
     newest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(RECORDS[4]["ts"]))
@@ -225,7 +226,7 @@ def test_status_json(store, capsys):
     info = json.loads(out)
     assert info["path"] == str(store)
     assert info["size_bytes"] == store.stat().st_size
-    assert info["schema_version"] == 2
+    assert info["schema_version"] == LATEST
     assert info["rows"] == {"usage_sample": 5, "usage_rollup_hour": 0, "usage_rollup_day": 0}
     assert info["newest_sample_ts"] == pytest.approx(RECORDS[4]["ts"])
     assert 56.5 * 60 <= info["newest_sample_age_s"] < 58 * 60
@@ -334,7 +335,7 @@ def test_console_script_db_status(store):
                           text=True, timeout=30, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    assert "samples         5" in done.stdout and "schema version  2" in done.stdout
+    assert "samples         5" in done.stdout and f"schema version  {LATEST}" in done.stdout
 
     missing = store.with_name("missing.sqlite3")
     done = subprocess.run([str(CCP), "db", "status", "--db", str(missing)],

@@ -95,6 +95,25 @@ async def test_cooldown_and_quota_windows_survive_a_restart(tmp_path, start_ccpd
 
 
 @pytest_twisted.ensureDeferred
+async def test_quota_windows_are_rebuilt_under_the_model_asked_for(tmp_path, start_ccpd,
+                                                                   fake_upstream):
+    (tmp_path / "quotas.json").write_text(json.dumps(
+        {"models": {"claude-sonnet-4-5": {"rolling_limit_tokens": 1000}}}))
+    first = await start_ccpd(fake_upstream.url())
+    await wait_ready(first)
+    dated = {"x-fake-model": "claude-sonnet-4-5-20250929", "x-fake-input-tokens": "95"}
+    await (await post(first.url + "/v1/messages", MESSAGE, dated)).content()
+    assert first.usage_lines()[0]["served_model"] == "claude-sonnet-4-5-20250929"
+    await first.service.stopService()
+
+    second = await start_ccpd(fake_upstream.url())
+    await wait_ready(second)
+    models = json.loads(await (await treq.get(second.url + "/v1/usage")).content())["models"]
+    assert models["claude-sonnet-4-5"]["rolling"]["used_tokens"] == 100
+    assert "claude-sonnet-4-5-20250929" not in models
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_request_is_lost_across_kill_9(tmp_path, fake_upstream):
     port = free_port()
     config = tmp_path / "ccp.ini"

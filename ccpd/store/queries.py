@@ -18,7 +18,8 @@ SAMPLE_COLUMNS = (
     "ts", "rid", "model", "lane", "op", "input_tokens", "output_tokens", "dirty_s", "stream_s",
     "ttft_ms", "status", "err_type", "decision", "reroute_mode", "warn_pct_auto",
     "gap_seconds_p50", "gap_seconds_p95", "gap_samples", "upstream", "h2", "header_mode",
-    "served_model", "stream", "cache_creation_input_tokens", "cache_read_input_tokens")
+    "served_model", "stream", "cache_creation_input_tokens", "cache_read_input_tokens",
+    "upstream_model")
 _INSERT_SAMPLE = (f"INSERT OR IGNORE INTO usage_sample ({', '.join(SAMPLE_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(SAMPLE_COLUMNS))})")
 
@@ -38,7 +39,7 @@ def sample_row(record: dict) -> tuple:
         record.get("gap_seconds_p95"), record.get("gap_samples", 0), record.get("upstream", ""),
         0, record.get("header_mode"), record.get("served_model"),
         int(bool(record.get("stream"))), record.get("cache_creation_input_tokens", 0),
-        record.get("cache_read_input_tokens", 0))
+        record.get("cache_read_input_tokens", 0), record.get("upstream_model"))
 
 
 def insert_samples(cursor, rows: list[tuple]) -> int:
@@ -169,11 +170,14 @@ def load_cooldowns(cursor, now: float) -> dict[str, float]:
 
 def recent_usage(cursor, since: float) -> list[tuple]:
     """``(model, ts, input, output, cache_creation, cache_read, dirty_s)`` of the Messages
-    samples since ``since``, oldest first: what the quota windows are rebuilt from."""
-    cursor.execute("SELECT coalesce(served_model, model), ts, input_tokens, output_tokens, "
-                   "coalesce(cache_creation_input_tokens, 0), "
+    samples with tokens since ``since``, oldest first: what the quota windows are rebuilt from
+    (the model is the one the lane was asked for, the key live accounting uses)."""
+    cursor.execute("SELECT coalesce(upstream_model, served_model, model), ts, input_tokens, "
+                   "output_tokens, coalesce(cache_creation_input_tokens, 0), "
                    "coalesce(cache_read_input_tokens, 0), dirty_s FROM usage_sample "
-                   "WHERE ts >= ? AND op = 'messages' AND status < 400 ORDER BY ts", (since,))
+                   "WHERE ts >= ? AND op = 'messages' AND input_tokens + output_tokens + "
+                   "coalesce(cache_creation_input_tokens, 0) + "
+                   "coalesce(cache_read_input_tokens, 0) > 0 ORDER BY ts", (since,))
     return cursor.fetchall()
 
 

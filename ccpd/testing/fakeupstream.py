@@ -6,6 +6,7 @@ Z.AI's endpoint). What it does is chosen per request by headers:
 
 - ``x-fake-input-tokens`` (12), ``x-fake-cache-creation`` (0), ``x-fake-cache-read`` (0):
   the usage it reports; ``x-fake-events`` (5): text deltas, which is also the output tokens;
+- ``x-fake-model``: the model name the answer gives (default: the one asked for);
 - ``x-fake-interval-ms`` (0): pause between stream events; ``x-fake-first-byte-ms`` (0): pause
   before the answer;
 - ``x-fake-status`` with ``x-fake-error-type``: an Anthropic error answer (429 carries
@@ -194,7 +195,8 @@ class FakeUpstream(resource.Resource):
         except ValueError:
             return self._error(request, 400, "invalid_request_error", "body is not JSON")
         asked = asked if isinstance(asked, dict) else {}
-        model = str(asked.get("model") or "fake-model")
+        # x-fake-model: answer as another model name (providers answer with dated names)
+        model = request.getHeader("x-fake-model") or str(asked.get("model") or "fake-model")
         deltas = _int_header(request, "x-fake-events", 5)
         self.tokens_served += input_tokens + deltas
         usage = {"input_tokens": input_tokens,

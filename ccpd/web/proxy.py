@@ -91,6 +91,7 @@ class Exchange:
             dirty_ms=ms(self.started, self.finished_at),
             err_type=self.err_type, upstream=self.upstream, reroute_mode=reroute_mode,
             wasted_retry_ms=self.wasted_retry_ms, header_mode=self.header_mode,
+            upstream_model=self.sent_model,
             **self.policy_fields,
         )
 
