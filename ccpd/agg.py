@@ -10,13 +10,12 @@ How it merges
     ``usage_sample`` rows are loaded, de-duplicated on ``(ts, rid)`` (a sample in a store and in
     that store's export counts once; the first copy in source order — file name, then full
     path — is kept), inserted oldest first into an in-memory SQLite at the latest schema, and
-    rolled up by :func:`ccpd.store.queries.roll` itself, so the numbers are the daemon's own
+    rolled up by :func:`ccpd.store.queries.roll_span`, so the numbers are the daemon's own
     math: only ``op = 'messages'`` samples are rolled up; an hour row per (hour, model) sums
     tokens, ``dirty_s``, ``stream_s`` and the count, with TTFT p50/p90/p99 (linear
     interpolation) over the samples with ``status < 400`` and ``ttft_ms > 0``; a day row sums
-    its hours. ``roll`` refuses to look at samples older than a week before its ``now`` (the
-    daemon trims them), so it is called in windows of six days stepping over the whole span of
-    the samples (empty stretches are skipped): history of any age is aggregated.
+    its hours. ``roll_span`` steps over the whole span of the samples in six-day windows (empty
+    stretches skipped), so history of any age is aggregated.
 
 Inputs
     ``*.sqlite3``: opened read-only (``file:…?mode=ro``); the ``SAMPLE_COLUMNS`` the table has
@@ -58,13 +57,11 @@ import sys
 from pathlib import Path
 
 from ccpd.store.queries import (
-    DAY, HOUR, SAMPLE_COLUMNS, SAMPLE_TTL_S, insert_samples, query_rollups, roll, sample_row)
+    DAY, SAMPLE_COLUMNS, insert_samples, query_rollups, roll_span, sample_row)
 from ccpd.store.schema import migrate
 
 DEFAULT_OUT = "results/rollups"
 PATTERNS = ("*.sqlite3", "*.jsonl")
-# each roll() call covers at most this span, so its one-week sample guard never bites
-ROLL_STEP_S = SAMPLE_TTL_S - DAY
 _DEFAULTS = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
 
@@ -208,7 +205,8 @@ def load(files: list[Path], warn) -> list[tuple]:
 # -- rollups -------------------------------------------------------------------------------------
 
 def rollups(samples: list[tuple]) -> tuple[dict, dict]:
-    """``(hour models, day models)`` of ``samples``, by the daemon's own :func:`roll`."""
+    """``(hour models, day models)`` of ``samples`` (sorted by time), by the daemon's own
+    rollup code."""
     connection = sqlite3.connect(":memory:")
     try:
         cursor = connection.cursor()
@@ -216,17 +214,8 @@ def rollups(samples: list[tuple]) -> tuple[dict, dict]:
         insert_samples(cursor, samples)
         if not samples:
             return {}, {}
-        last = samples[-1][0]
-        start = math.floor(samples[0][0] / HOUR) * HOUR
-        first = start
-        while True:
-            roll(cursor, start, start + ROLL_STEP_S)
-            if start + ROLL_STEP_S >= last:
-                break
-            # the next window starts at the next sample's hour (skipping empty stretches)
-            cursor.execute("SELECT min(ts) FROM usage_sample WHERE ts >= ?",
-                           (start + ROLL_STEP_S,))
-            start = math.floor(cursor.fetchone()[0] / HOUR) * HOUR
+        first = samples[0][0]
+        roll_span(cursor, first, samples[-1][0])
         since = math.floor(first / DAY) * DAY
         return (query_rollups(cursor, "hour", None, since),
                 query_rollups(cursor, "day", None, since))

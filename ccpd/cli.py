@@ -831,6 +831,7 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
         schema.migrate(cursor)
         connection.commit()
         batch: list[tuple] = []
+        span = [float("inf"), float("-inf")]  # of the samples read: what to roll up
 
         def flush() -> None:
             new = queries.insert_samples(cursor, batch)
@@ -852,12 +853,17 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
                     counts["skipped"] += 1
                 else:
                     batch.append(row)
+                    span[0], span[1] = min(span[0], row[0]), max(span[1], row[0])
                     if len(batch) >= IMPORT_BATCH:
                         flush()
             if progress is not None:
                 progress.update(done, counts["lines"])
         if batch:
             flush()
+        if counts["new"]:
+            # the roller only re-rolls recent hours: roll up the span imported here
+            counts["hours"] = queries.roll_span(cursor, span[0], span[1])["hours"]
+            connection.commit()
     except sqlite3.Error as e:
         raise _sqlite_error(db_path, e)
     except OSError as e:
@@ -882,7 +888,8 @@ def cmd_db_import(args) -> int:
     progress = Progress(sys.stderr, args.jsonl, size) if show else None
     counts = import_jsonl(db_path, args.jsonl, progress)
     _emit(f"imported {counts['new']:,} new samples ({counts['stored']:,} already stored, "
-          f"{counts['skipped']:,} lines skipped)", sys.stdout)
+          f"{counts['skipped']:,} lines skipped; {counts.get('hours', 0):,} hour rollups "
+          f"recomputed)", sys.stdout)
     return EXIT_OK
 
 

@@ -39,6 +39,9 @@ def record(i: int, model: str = "claude-sonnet-4-5", **extra) -> dict:
 
 RECORDS = [record(0), record(1), record(2, model="glm-4.6", lane="zai"),
            record(3, status=429, err_type="rate_limit_error"), record(4, model="glm-4.6")]
+# the hour and day rollup rows RECORDS make (they span 4 minutes: one or two hours and days)
+HOUR_ROWS = len({(int(r["ts"] // 3600), r["model"]) for r in RECORDS})
+DAY_ROWS = len({(int(r["ts"] // 86400), r["model"]) for r in RECORDS})
 
 
 @pytest.fixture
@@ -80,7 +83,8 @@ def test_import_counts_stores_rows_and_is_idempotent(tmp_path, usage_log, capsys
     code, out, err = run(capsys, "db", "import", "--jsonl", str(usage_log), "--db", str(db))
     assert (code, err) == (0, "")
     # skipped: the array, the object without rid and the torn line (the blank line is no record)
-    assert out == "imported 5 new samples (0 already stored, 3 lines skipped)\n"
+    assert out == "imported 5 new samples (0 already stored, 3 lines skipped; " \
+                  f"{HOUR_ROWS} hour rollups recomputed)\n"
     rows = db_rows(db)
     assert [r[1] for r in rows] == [r["rid"] for r in RECORDS]
     first = dict(zip(SAMPLE_COLUMNS, rows[0]))
@@ -91,8 +95,13 @@ def test_import_counts_stores_rows_and_is_idempotent(tmp_path, usage_log, capsys
 
     code, out, _ = run(capsys, "db", "import", "--jsonl", str(usage_log), "--db", str(db))
     assert code == 0
-    assert out == "imported 0 new samples (5 already stored, 3 lines skipped)\n"
+    assert out == "imported 0 new samples (5 already stored, 3 lines skipped; " \
+                  "0 hour rollups recomputed)\n"
     assert len(db_rows(db)) == 5
+    # the imported history is rolled up at once (the daemon's roller only re-rolls the last hour)
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT sum(count) FROM usage_rollup_hour").fetchone()[0] == \
+            sum(1 for r in RECORDS if r.get("op", "messages") == "messages")
 
 
 def test_import_migrates_the_store_like_ccpd(store):
@@ -138,7 +147,7 @@ def test_jsonl_export_round_trips_into_a_fresh_store(tmp_path, store, capsys):
     fresh = tmp_path / "fresh.sqlite3"
     code, out, _ = run(capsys, "db", "import", "--jsonl", str(dump), "--db", str(fresh))
     assert code == 0
-    assert out == "imported 5 new samples (0 already stored, 0 lines skipped)\n"
+    assert out.startswith("imported 5 new samples (0 already stored, 0 lines skipped; ")
     assert db_rows(fresh) == db_rows(store)
 
 
@@ -212,7 +221,7 @@ def test_status_text_after_import(store, capsys):
     assert fields["size"].endswith(" KB") or " KB (+ WAL" in fields["size"]
     assert fields["schema version"] == str(LATEST)
     assert fields["samples"] == "5"
-    assert fields["hour rollups"] == "0" and fields["day rollups"] == "0"
+    assert fields["hour rollups"] == str(HOUR_ROWS) and fields["day rollups"] == str(DAY_ROWS)
     newest = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(RECORDS[4]["ts"]))
     # 56.5 minutes before the module was imported; allow the suite half a minute
     assert fields["newest sample"] in (f"{newest} (56 minutes ago)",
@@ -227,7 +236,8 @@ def test_status_json(store, capsys):
     assert info["path"] == str(store)
     assert info["size_bytes"] == store.stat().st_size
     assert info["schema_version"] == LATEST
-    assert info["rows"] == {"usage_sample": 5, "usage_rollup_hour": 0, "usage_rollup_day": 0}
+    assert info["rows"] == {"usage_sample": 5, "usage_rollup_hour": HOUR_ROWS,
+                            "usage_rollup_day": DAY_ROWS}
     assert info["newest_sample_ts"] == pytest.approx(RECORDS[4]["ts"])
     assert 56.5 * 60 <= info["newest_sample_age_s"] < 58 * 60
     assert info["models"] == 2
@@ -303,8 +313,8 @@ def test_progress_on_a_terminal_for_big_files_only(tmp_path, monkeypatch, capsys
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["db", "import", "--jsonl", str(path), "--db", str(tmp_path / "a.db")]) == 0
-    assert capsys.readouterr().out == "imported 6,000 new samples (0 already stored, " \
-                                      "0 lines skipped)\n"
+    assert capsys.readouterr().out.startswith("imported 6,000 new samples (0 already stored, "
+                                              "0 lines skipped; ")
     shown = terminal.getvalue()
     assert shown.startswith("\rimporting ") and shown.endswith("100% [====================]"
                                                                " 6,000 lines\n")

@@ -257,3 +257,17 @@ def test_a_failing_rollup_tick_does_not_stop_the_roller(tmp_path):
     assert queries.query_rollups(connection.cursor(), "hour", None, 0)["glm-4.6"][0][
         "count"] == 1
     roller.stopService()
+
+
+def test_rolling_an_old_span_leaves_newer_rollups_alone_and_spans_any_age(tmp_path):
+    connection = connect(tmp_path / "s.sqlite3")
+    insert(connection, record(T0 + 30 * 86400, "new"))
+    cursor = connection.cursor()
+    queries.roll(cursor, T0 + 30 * 86400, T0 + 30 * 86400 + 60)
+    # an import of old history, three weeks apart
+    insert(connection, record(T0, "old1"), record(T0 + 10 * 86400, "old2"),
+           record(T0 + 20 * 86400, "old3"))
+    assert queries.roll_span(cursor, T0, T0 + 20 * 86400) == {"hours": 3, "days": 3}
+    hours = queries.query_rollups(cursor, "hour", None, 0)["glm-4.6"]
+    assert [h["window_start"] for h in hours] == [T0 + d * 86400 for d in (0, 10, 20, 30)]
+    assert len(queries.query_rollups(cursor, "day", None, 0)["glm-4.6"]) == 4

@@ -66,19 +66,22 @@ def day_of(ts: float) -> str:
 
 def roll(cursor, since: float, now: float) -> dict:
     """Recompute the hour rollups of every hour from ``since``'s to ``now``'s, then the day
-    rollups of the days those hours are in. Rerunning over the same window changes nothing.
-    Only Messages requests (``op = 'messages'``) are rolled up."""
+    rollups of the days those hours are in; rollups outside that span are left alone.
+    Rerunning over the same window changes nothing. Only Messages requests
+    (``op = 'messages'``) are rolled up."""
     # never recompute hours whose samples the sample TTL may already have trimmed
     first_hour = math.floor(max(since, now - SAMPLE_TTL_S + HOUR) / HOUR) * HOUR
+    end = math.floor(now / HOUR) * HOUR + HOUR  # the end of now's hour
     # coalesce: rows imported from elsewhere may lack a value; one NULL must not stop rollups
     cursor.execute("SELECT model, ts, coalesce(input_tokens, 0), coalesce(output_tokens, 0), "
                    "coalesce(dirty_s, 0), coalesce(stream_s, 0), coalesce(ttft_ms, 0), "
                    "coalesce(status, 0) FROM usage_sample "
-                   "WHERE ts >= ? AND ts < ? AND op = 'messages'", (first_hour, now + HOUR))
+                   "WHERE ts >= ? AND ts < ? AND op = 'messages'", (first_hour, end))
     hours: dict[tuple[float, str], list] = defaultdict(list)
     for row in cursor.fetchall():
         hours[(math.floor(row[1] / HOUR) * HOUR, row[0])].append(row)
-    cursor.execute("DELETE FROM usage_rollup_hour WHERE window_start >= ?", (first_hour,))
+    cursor.execute("DELETE FROM usage_rollup_hour WHERE window_start >= ? AND window_start < ?",
+                   (first_hour, end))
     for (window_start, model), rows in sorted(hours.items()):
         ttfts = [row[6] for row in rows if row[7] < 400 and row[6]]
         cursor.execute(
@@ -87,11 +90,13 @@ def roll(cursor, since: float, now: float) -> dict:
             (window_start, model, sum(r[2] for r in rows), sum(r[3] for r in rows),
              sum(r[4] for r in rows), sum(r[5] for r in rows), len(rows),
              percentile(ttfts, 0.5), percentile(ttfts, 0.9), percentile(ttfts, 0.99)))
-    first_day = datetime.fromtimestamp(first_hour, timezone.utc).replace(
-        hour=0, minute=0, second=0).timestamp()
-    cursor.execute("DELETE FROM usage_rollup_day WHERE date >= ?", (day_of(first_day),))
+    first_day = math.floor(first_hour / DAY) * DAY
+    end_day = math.floor((end - 1) / DAY) * DAY + DAY
+    cursor.execute("DELETE FROM usage_rollup_day WHERE date >= ? AND date <= ?",
+                   (day_of(first_day), day_of(end_day - 1)))
     cursor.execute("SELECT window_start, model, in_tokens, out_tokens, dirty_s, stream_s, count "
-                   "FROM usage_rollup_hour WHERE window_start >= ?", (first_day,))
+                   "FROM usage_rollup_hour WHERE window_start >= ? AND window_start < ?",
+                   (first_day, end_day))
     days: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0, 0.0, 0])
     for window_start, model, *sums in cursor.fetchall():
         totals = days[(day_of(window_start), model)]
@@ -102,6 +107,25 @@ def roll(cursor, since: float, now: float) -> dict:
         "count) VALUES (?,?,?,?,?,?,?)",
         [(date, model, *totals) for (date, model), totals in sorted(days.items())])
     return {"hours": len(hours), "days": len(days)}
+
+
+def roll_span(cursor, first: float, last: float) -> dict:
+    """Roll up every hour from ``first`` to ``last`` however far apart (``roll`` only goes a
+    week back from its ``now``): in steps of six days, skipping spans with no samples."""
+    totals = {"hours": 0, "days": 0}
+    step = SAMPLE_TTL_S - DAY
+    start = first
+    while start <= last:
+        cursor.execute("SELECT min(ts) FROM usage_sample WHERE ts >= ? AND ts <= ? "
+                       "AND op = 'messages'", (start, last))
+        start = cursor.fetchone()[0]
+        if start is None:
+            break
+        done = roll(cursor, start, min(start + step, last))
+        totals["hours"] += done["hours"]
+        totals["days"] += done["days"]
+        start = math.floor(min(start + step, last) / HOUR) * HOUR + HOUR
+    return totals
 
 
 def trim(cursor, now: float, retention_days: float) -> int:

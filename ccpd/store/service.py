@@ -69,43 +69,53 @@ class StoreService(service.MultiService):
         service.Service.startService(self)
         self.store.startService()
         self.writer.startService()
-        self.ready = defer.ensureDeferred(self._recover())
-        self.ready.addErrback(self._recovery_failed)
+        self.ready = defer.ensureDeferred(self._start_up())
+
+    async def _start_up(self) -> None:
+        """Recover, then start the roller; a failed recovery is logged, and the roller, the
+        cooldown saving and the request path go on without it."""
+        try:
+            await self.store.ready
+            if self.config.persist and self.running:
+                await self._recover()
+        except Exception:  # noqa: BLE001 - the daemon serves on; usage.jsonl has every line
+            log.failure("store start-up recovery failed; samples still go to usage.jsonl and "
+                        "will be recovered at the next start")
+        finally:
+            if self.config.persist:
+                self.governor.on_cooldown = self.save_cooldown
+            # the roller starts only now, so its first tick sees the recovered samples
+            if self.running:
+                self.roller.setServiceParent(self)
 
     async def _recover(self) -> None:
-        await self.store.ready
-        if self.config.persist and self.running:
-            since = self.started_at - queries.SAMPLE_TTL_S
-            inserted, oldest = await self.store.run(recover_from_log, self.usage_log, since)
-            if inserted:
-                log.info("store: recovered {count} samples from {path} that were not stored",
-                         count=inserted, path=self.usage_log)
-                self.roller.mark(oldest)
-            cooldowns = await self.store.run(queries.load_cooldowns, self.started_at)
-            rows = await self.store.run(queries.recent_usage,
-                                        self.started_at - queries.SAMPLE_TTL_S)
-            self.governor.restore(cooldowns, [r for r in rows if r[1] < self.started_at])
-            self.governor.on_cooldown = self.save_cooldown
-            newest = await self.store.run(queries.newest_rollup)
-            self.roller.mark(newest if newest is not None else
-                             await self.store.run(queries.oldest_sample) or self.started_at)
-        # the roller starts only now, so its first tick sees the recovered samples
-        if self.running:
-            self.roller.setServiceParent(self)
-
-    def _recovery_failed(self, failure) -> None:
-        log.failure("store start-up failed; samples still go to usage.jsonl", failure)
+        since = self.started_at - queries.SAMPLE_TTL_S
+        inserted, oldest = await self.store.run(recover_from_log, self.usage_log, since)
+        if inserted:
+            log.info("store: recovered {count} samples from {path} that were not stored",
+                     count=inserted, path=self.usage_log)
+            self.roller.mark(oldest)
+        cooldowns = await self.store.run(queries.load_cooldowns, self.started_at)
+        rows = await self.store.run(queries.recent_usage, since)
+        self.governor.restore(cooldowns, [r for r in rows if r[1] < self.started_at])
+        newest = await self.store.run(queries.newest_rollup)
+        self.roller.mark(newest if newest is not None else
+                         await self.store.run(queries.oldest_sample) or self.started_at)
 
     def save_cooldown(self, model: str, until: float) -> None:
         d = self.store.run(queries.save_cooldown, model, until)
         d.addErrback(lambda f: log.error("could not save the cooldown of {model}: {error}",
                                          model=model, error=f.getErrorMessage()))
 
+    @defer.inlineCallbacks
     def stopService(self):
-        # writer first (it drains into the store), then the store, then the roller
-        d = defer.maybeDeferred(self.writer.stopService)
+        """The writer drains into the store, a rollup tick and the start-up recovery in
+        progress finish, then the store closes (closing joins its thread: nothing may be
+        running in it then, or the reactor would wait)."""
+        service.Service.stopService(self)
+        yield self.writer.stopService()
         if self.roller.running:
-            d.addBoth(lambda _: self.roller.stopService())
-        d.addBoth(lambda _: self.store.stopService())
-        d.addBoth(lambda _: service.Service.stopService(self))
-        return d
+            yield self.roller.stopService()
+        if self.ready is not None:
+            yield self.ready
+        self.store.stopService()
