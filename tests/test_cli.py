@@ -2,7 +2,6 @@
 stdlib HTTP server standing in for the daemon (no reactor needed)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket

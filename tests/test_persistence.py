@@ -13,7 +13,7 @@ import treq
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import ccpd_ini
-from tests.test_proxy import MESSAGE, SECRET, free_port, post
+from tests.test_proxy import MESSAGE, free_port, post
 from tests.test_smoke import TWISTD, wait_healthy
 
 GLM = {**MESSAGE, "model": "glm-4.6"}

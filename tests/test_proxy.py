@@ -8,7 +8,6 @@ import json
 import socket
 
 import anthropic
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task

@@ -1,0 +1,512 @@
+"""``ccp db status | export --csv|--jsonl | import --jsonl FILE``: the store file itself.
+
+They work on the SQLite file (``--db``, else ``$CCP_DB_PATH``, else ``logs/ccp.sqlite3``) with
+the stdlib :mod:`sqlite3`, also while the daemon runs (the store is in WAL mode). ``status``
+and ``export`` open it read-only and never create it; ``import`` creates or migrates it, loads
+``usage.jsonl`` records (or the rows of a ``db export --jsonl``), skipping those already
+stored, and rolls up the hours it imported. Stdlib only, like :mod:`ccpd.cli`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sqlite3
+import sys
+import time
+
+from ccpd.cli import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
+
+DEFAULT_DB = "logs/ccp.sqlite3"
+DB_ENV = "CCP_DB_PATH"
+DB_TIMEOUT_S = 10.0
+IMPORT_BATCH = 2000
+PROGRESS_MIN_BYTES = 1 << 20  # below this a terminal gets no progress bar (unless --progress)
+PROGRESS_EVERY_S = 0.1
+PROGRESS_WIDTH = 20
+_ROLLUP_TABLES = ("usage_sample", "usage_rollup_hour", "usage_rollup_day")
+# keys that only a ``ccp db export --jsonl`` row has, and only a usage.jsonl record has
+_EXPORT_ONLY_KEYS = ("dirty_s", "decision")
+_RECORD_ONLY_KEYS = ("dirty_ms", "reroute_decision")
+
+
+def _store_modules():
+    """``(schema, queries)``: the store's stdlib-only modules, imported on first use so that
+    ``ccp status`` does not pay for them."""
+    from ccpd.store import queries, schema
+    return schema, queries
+
+
+def resolve_db(arg: str | None, environ=None) -> str:
+    """``--db``, else ``$CCP_DB_PATH``, else ``logs/ccp.sqlite3``."""
+    environ = os.environ if environ is None else environ
+    return arg or environ.get(DB_ENV) or DEFAULT_DB
+
+
+def human_bytes(n) -> str:
+    """``512 B``, ``4.0 KB``, ``1.2 MB``, ``3.1 GB`` (powers of 1024)."""
+    n = _num(n)
+    if n is None:
+        return DASH
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1024.0
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def human_ago(seconds) -> str:
+    """How long ago ``seconds`` was: ``just now``, ``1 minute ago``, ``42 minutes ago``,
+    ``5 hours ago``, ``3 days ago`` (``in 2 minutes`` for a time ahead of the clock)."""
+    s = _num(seconds)
+    if s is None:
+        return DASH
+    ahead, s = s < 0, abs(s)
+    if s < 60:
+        return "just now"
+    for unit, size, below in (("minute", 60, 120 * 60), ("hour", 3600, 48 * 3600),
+                              ("day", 86400, None)):
+        if below is None or s < below:
+            count = int(s // size)
+            text = f"{count} {unit}{'' if count == 1 else 's'}"
+            return f"in {text}" if ahead else f"{text} ago"
+    raise AssertionError("unreachable")
+
+
+def fmt_utc(ts) -> str:
+    """A Unix timestamp as UTC ISO 8601 (``2026-11-26T13:02:11Z``)."""
+    from datetime import datetime, timezone
+
+    t = _num(ts)
+    if t is None:
+        return DASH
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return format(t, "g")
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def _sqlite_error(path: str, error) -> CliError:
+    return CliError(f"ccp: {path}: {error}", EXIT_ERROR)
+
+
+def _require_store(path: str) -> None:
+    if not os.path.exists(path):
+        raise CliError(f"ccp: no store at {path} (ccpd creates it on start; "
+                       f"set --db or {DB_ENV})")
+    if os.path.isdir(path):
+        raise CliError(f"ccp: {path} is a directory, not a store file")
+
+
+def _connect_ro(path: str):
+    """A read-only connection: never creates nor changes the file."""
+    from urllib.parse import quote
+
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        return sqlite3.connect(uri, uri=True, timeout=DB_TIMEOUT_S)
+    except sqlite3.Error as e:
+        raise _sqlite_error(path, e)
+
+
+def _check_is_store(cursor, path: str) -> None:
+    cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    tables = {row[0] for row in cursor.fetchall()}
+    missing = [t for t in ("schema_version",) + _ROLLUP_TABLES if t not in tables]
+    if missing:
+        raise CliError(f"ccp: {path}: not a ccpd store (no {', '.join(missing)} table)",
+                       EXIT_ERROR)
+
+
+def db_status(path: str, now: float | None = None) -> dict:
+    """What ``ccp db status`` shows, read from the store at ``path``."""
+
+    schema, queries = _store_modules()
+    _require_store(path)
+    now = time.time() if now is None else now
+    connection = _connect_ro(path)
+    try:
+        cursor = connection.cursor()
+        _check_is_store(cursor, path)
+        found = queries.status(cursor)
+        cursor.execute("SELECT count(DISTINCT model) FROM usage_sample WHERE model != ''")
+        models = cursor.fetchone()[0]
+    except sqlite3.Error as e:
+        raise _sqlite_error(path, e)
+    finally:
+        connection.close()
+    newest = found["newest_sample_ts"]
+    return {
+        "path": path,
+        "size_bytes": _file_size(path),
+        "wal_bytes": _file_size(path + "-wal"),
+        "schema_version": found["schema_version"],
+        "schema_latest": schema.LATEST,
+        "rows": found["rows"],
+        "newest_sample_ts": newest,
+        "newest_sample_utc": fmt_utc(newest) if newest is not None else None,
+        "newest_sample_age_s": round(now - newest, 3) if newest is not None else None,
+        "models": models,
+    }
+
+
+def format_db_status(info: dict) -> str:
+    """The text of ``ccp db status`` (without a trailing newline)."""
+    size = human_bytes(info.get("size_bytes"))
+    if info.get("wal_bytes") is not None:
+        size += f" (+ WAL {human_bytes(info['wal_bytes'])})"
+    version = info.get("schema_version")
+    latest = info.get("schema_latest")
+    schema_text = DASH if version is None else str(version)
+    if version is not None and latest is not None and version < latest:
+        schema_text += f" (this ccp knows {latest}; ccpd migrates on start)"
+    elif version is not None and latest is not None and version > latest:
+        schema_text += f" (newer than this ccp's {latest})"
+    rows = _obj(info.get("rows"))
+    newest = info.get("newest_sample_ts")
+    newest_text = ("none" if newest is None else
+                   f"{fmt_utc(newest)} ({human_ago(info.get('newest_sample_age_s'))})")
+
+    def count(value) -> str:
+        v = _num(value)
+        return DASH if v is None else f"{v:,.0f}"
+
+    lines = [
+        ("store", str(info.get("path"))),
+        ("size", size),
+        ("schema version", schema_text),
+        ("samples", count(rows.get("usage_sample"))),
+        ("hour rollups", count(rows.get("usage_rollup_hour"))),
+        ("day rollups", count(rows.get("usage_rollup_day"))),
+        ("newest sample", newest_text),
+        ("models", count(info.get("models"))),
+    ]
+    width = max(len(label) for label, _ in lines)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in lines)
+
+
+def cmd_db_status(args) -> int:
+    info = db_status(resolve_db(args.db or args.db_parent))
+    if args.json:
+        _emit(json.dumps(info, indent=2, sort_keys=True), sys.stdout)
+    else:
+        _emit(format_db_status(info), sys.stdout)
+    return EXIT_OK
+
+
+def export_rows(path: str, since: float | None = None, model: str | None = None):
+    """``(columns, rows)``: the store's samples, ordered by ``(ts, rid)``; ``rows`` is a lazy
+    iterator that closes the connection when it is exhausted."""
+
+    _, queries = _store_modules()
+    _require_store(path)
+    columns = queries.SAMPLE_COLUMNS
+    sql = f"SELECT {', '.join(columns)} FROM usage_sample"
+    where, params = [], []
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if model:
+        where.append("model = ?")
+        params.append(model)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY ts, rid"
+    connection = _connect_ro(path)
+    try:
+        cursor = connection.cursor()
+        _check_is_store(cursor, path)
+        cursor.execute(sql, params)
+    except BaseException as e:
+        connection.close()
+        if isinstance(e, sqlite3.Error):
+            raise _sqlite_error(path, e)
+        raise
+
+    return columns, _Rows(connection, cursor, path)
+
+
+class _Rows:
+    """The rows of an export query, fetched a thousand at a time; :meth:`close` (also at the
+    end of the iteration) closes the read-only connection."""
+
+    def __init__(self, connection, cursor, path: str):
+        self.connection, self.cursor, self.path = connection, cursor, path
+
+    def __iter__(self):
+
+        try:
+            while True:
+                batch = self.cursor.fetchmany(1000)
+                if not batch:
+                    return
+                yield from batch
+        except sqlite3.Error as e:
+            raise _sqlite_error(self.path, e)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def write_export(stream, columns, rows, fmt: str) -> int:
+    """Write ``rows`` as CSV (header first) or JSON lines; how many rows were written."""
+
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(row)
+            n += 1
+    else:
+        for row in rows:
+            stream.write(json.dumps(dict(zip(columns, row)), separators=(",", ":")) + "\n")
+            n += 1
+    return n
+
+
+def cmd_db_export(args) -> int:
+    path = resolve_db(args.db or args.db_parent)
+    fmt = "csv" if args.csv else "jsonl"
+    columns, rows = export_rows(path, since=args.since, model=args.model)
+    if not args.out or args.out == "-":
+        try:
+            write_export(sys.stdout, columns, rows, fmt)
+        finally:
+            rows.close()
+        sys.stdout.flush()
+        return EXIT_OK
+    partial = f"{args.out}.part"
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            n = write_export(out, columns, rows, fmt)
+        os.replace(partial, args.out)
+    except OSError as e:
+        raise CliError(f"ccp: {args.out}: {e.strerror or e}", EXIT_ERROR)
+    finally:
+        rows.close()
+        if os.path.exists(partial):
+            os.unlink(partial)
+    print(f"exported {n:,} samples to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _is_number(value) -> bool:
+    return _num(value) is not None
+
+
+def import_row(record, columns, sample_row) -> tuple | None:
+    """The ``usage_sample`` row of one parsed line, or None when it is not a sample.
+
+    A ``usage.jsonl`` record goes through :func:`ccpd.store.queries.sample_row`; a row of
+    ``ccp db export --jsonl`` (``dirty_s``/``decision`` instead of ``dirty_ms``/
+    ``reroute_decision``) is already a row and is taken column by column.
+    """
+    if not isinstance(record, dict):
+        return None
+    if not _is_number(record.get("ts")) or not isinstance(record.get("rid"), str) \
+            or not record["rid"]:
+        return None
+    exported = (any(k in record for k in _EXPORT_ONLY_KEYS)
+                and not any(k in record for k in _RECORD_ONLY_KEYS))
+    try:
+        if exported:
+            return tuple(record.get(c) for c in columns)
+        return sample_row(record)
+    except (TypeError, ValueError, KeyError):  # e.g. "dirty_ms": "slow"
+        return None
+
+
+class Progress:
+    """One updating ``importing FILE  42% [=====>     ] 123,456 lines`` line on ``stream``."""
+
+    def __init__(self, stream, name: str, total: int, clock=time.monotonic):
+        self.stream = stream
+        self.name = name
+        self.total = total
+        self.clock = clock
+        self._last = None
+
+    def line(self, done: int, lines: int) -> str:
+        fraction = 1.0 if self.total <= 0 else min(1.0, done / self.total)
+        filled = int(fraction * PROGRESS_WIDTH)
+        bar = "=" * filled
+        if filled < PROGRESS_WIDTH:
+            bar = (bar + ">").ljust(PROGRESS_WIDTH) if filled else " " * PROGRESS_WIDTH
+        return f"importing {self.name} {int(fraction * 100):3d}% [{bar}] {lines:,} lines"
+
+    def update(self, done: int, lines: int) -> None:
+        now = self.clock()
+        if self._last is not None and now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        self.stream.write("\r" + self.line(done, lines))
+        self.stream.flush()
+
+    def finish(self, done: int, lines: int) -> None:
+        self.stream.write("\r" + self.line(done, lines) + "\n")
+        self.stream.flush()
+
+
+def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None) -> dict:
+    """Load the samples of ``jsonl_path`` into the store (created or migrated as needed);
+    ``{"new", "stored", "skipped", "lines"}``. Rows already stored are left as they are."""
+
+    schema, queries = _store_modules()
+    columns, sample_row = queries.SAMPLE_COLUMNS, queries.sample_row
+    counts = {"new": 0, "stored": 0, "skipped": 0, "lines": 0}
+    directory = os.path.dirname(os.path.abspath(db_path))
+    try:
+        source = open(jsonl_path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise CliError(f"ccp: {jsonl_path}: {e.strerror or e}",
+                       EXIT_USAGE if isinstance(e, (FileNotFoundError, IsADirectoryError))
+                       else EXIT_ERROR)
+    connection = None
+    done = 0
+    try:
+        os.makedirs(directory, exist_ok=True)
+        connection = sqlite3.connect(db_path, timeout=DB_TIMEOUT_S)
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # as ccpd keeps it: readers never wait
+        schema.migrate(cursor)
+        connection.commit()
+        batch: list[tuple] = []
+        span = [float("inf"), float("-inf")]  # of the samples read: what to roll up
+
+        def flush() -> None:
+            new = queries.insert_samples(cursor, batch)
+            connection.commit()
+            counts["new"] += new
+            counts["stored"] += len(batch) - new
+            batch.clear()
+
+        for raw in source:
+            done += len(raw)
+            counts["lines"] += 1
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except ValueError:  # a torn last line, or not JSON at all
+                    record = None
+                row = import_row(record, columns, sample_row)
+                if row is None:
+                    counts["skipped"] += 1
+                else:
+                    batch.append(row)
+                    span[0], span[1] = min(span[0], row[0]), max(span[1], row[0])
+                    if len(batch) >= IMPORT_BATCH:
+                        flush()
+            if progress is not None:
+                progress.update(done, counts["lines"])
+        if batch:
+            flush()
+        if counts["new"]:
+            # the roller only re-rolls recent hours: roll up the span imported here
+            counts["hours"] = queries.roll_span(cursor, span[0], span[1])["hours"]
+            connection.commit()
+    except sqlite3.Error as e:
+        raise _sqlite_error(db_path, e)
+    except OSError as e:
+        raise CliError(f"ccp: {e.filename or jsonl_path}: {e.strerror or e}", EXIT_ERROR)
+    finally:
+        source.close()
+        if connection is not None:
+            connection.close()
+        if progress is not None:
+            progress.finish(done, counts["lines"])
+    return counts
+
+
+def cmd_db_import(args) -> int:
+    db_path = resolve_db(args.db or args.db_parent)
+    if not os.path.exists(args.jsonl):
+        raise CliError(f"ccp: {args.jsonl}: no such file")
+    if os.path.isdir(args.jsonl):
+        raise CliError(f"ccp: {args.jsonl} is a directory")
+    size = _file_size(args.jsonl) or 0
+    show = args.progress or (size > PROGRESS_MIN_BYTES and use_tty(sys.stderr))
+    progress = Progress(sys.stderr, args.jsonl, size) if show else None
+    counts = import_jsonl(db_path, args.jsonl, progress)
+    _emit(f"imported {counts['new']:,} new samples ({counts['stored']:,} already stored, "
+          f"{counts['skipped']:,} lines skipped; {counts.get('hours', 0):,} hour rollups "
+          f"recomputed)", sys.stdout)
+    return EXIT_OK
+
+
+def use_tty(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (ValueError, OSError):
+        return False
+
+
+def _add_db_option(parser, dest: str, suppress: bool = False) -> None:
+    parser.add_argument("--db", metavar="PATH", dest=dest,
+                        help=argparse.SUPPRESS if suppress else
+                        f"the store file (default: ${DB_ENV} or {DEFAULT_DB})")
+
+
+def add_db_parser(sub) -> None:
+    p = sub.add_parser(
+        "db", help="the SQLite store: status, export, import",
+        description="Work on ccpd's SQLite store file directly (also while ccpd runs). The "
+                    f"file is --db, else ${DB_ENV}, else {DEFAULT_DB}.")
+    _add_db_option(p, "db_parent")
+    p.set_defaults(func=lambda args: _db_usage(p), db=None)
+    dsub = p.add_subparsers(dest="db_command", metavar="COMMAND")
+
+    s = dsub.add_parser("status", help="size, schema version, row counts, newest sample",
+                        description="Show the store's file size, schema version, row counts, "
+                                    "newest sample and number of models. Opens it read-only.")
+    _add_db_option(s, "db")
+    s.add_argument("--json", action="store_true", help="print the same as JSON")
+    s.set_defaults(func=cmd_db_status)
+
+    e = dsub.add_parser("export", help="write the stored samples as CSV or JSON lines",
+                        description="Write the usage_sample rows, oldest first, as CSV (with a "
+                                    "header) or as JSON lines (one object per row, which "
+                                    "`ccp db import` and ccp-agg read back). Opens the store "
+                                    "read-only.")
+    _add_db_option(e, "db")
+    fmt = e.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--csv", action="store_true", help="CSV, header first")
+    fmt.add_argument("--jsonl", action="store_true", help="one JSON object per line")
+    e.add_argument("--since", type=float, metavar="EPOCH",
+                   help="only samples at or after this Unix time")
+    e.add_argument("--model", metavar="MODEL", help="only samples of this (requested) model")
+    e.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    e.set_defaults(func=cmd_db_export)
+
+    i = dsub.add_parser("import", help="load usage.jsonl records (or a JSONL export)",
+                        description="Load the samples of a usage.jsonl file (or of a "
+                                    "`ccp db export --jsonl`) into the store, creating or "
+                                    "migrating it as needed. Samples already stored are "
+                                    "skipped, so importing twice adds nothing; lines that are "
+                                    "not samples (a torn last line) are skipped and counted. "
+                                    "Only FILE is read: import rotated files (usage.jsonl.1, "
+                                    "...) with one command each.")
+    _add_db_option(i, "db")
+    i.add_argument("--jsonl", metavar="FILE", required=True, help="the file to import")
+    i.add_argument("--progress", action="store_true",
+                   help="show the progress line on stderr even when it is not a terminal "
+                        "(a terminal gets it for files over 1 MB)")
+    i.set_defaults(func=cmd_db_import)
+
+
+def _db_usage(parser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
