@@ -57,7 +57,7 @@ import sys
 from pathlib import Path
 
 from ccpd.store.queries import (
-    DAY, SAMPLE_COLUMNS, insert_samples, query_rollups, roll_span, sample_row)
+    DAY, SAMPLE_COLUMNS, insert_samples, query_rollups, roll_span, sample_row_of)
 from ccpd.store.schema import migrate
 
 DEFAULT_OUT = "results/rollups"
@@ -138,22 +138,10 @@ def read_sqlite(path: Path, warn) -> list[tuple]:
     return samples
 
 
-def jsonl_row(record: dict) -> tuple:
-    """The sample row of one JSONL line: an export row or a ``usage.jsonl`` record."""
-    if "dirty_s" in record or "stream_s" in record:
-        return tuple(record.get(name) for name in SAMPLE_COLUMNS)
-    return sample_row(record)
-
-
 def _row_or_none(record) -> tuple | None:
     """The sample row of a parsed line, or None when it is not a usable sample."""
-    if not isinstance(record, dict) or not _valid_key(record.get("ts"), record.get("rid")):
-        return None
-    try:
-        row = jsonl_row(record)
-    except (TypeError, ValueError):
-        return None
-    return clean(dict(zip(SAMPLE_COLUMNS, row)))
+    row = sample_row_of(record)
+    return None if row is None else clean(dict(zip(SAMPLE_COLUMNS, row)))
 
 
 def read_jsonl(path: Path, warn) -> list[tuple]:

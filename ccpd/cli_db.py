@@ -17,6 +17,7 @@ import sys
 import time
 
 from ccpd.cli import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
+from ccpd.store import queries, schema
 
 DEFAULT_DB = "logs/ccp.sqlite3"
 DB_ENV = "CCP_DB_PATH"
@@ -26,16 +27,6 @@ PROGRESS_MIN_BYTES = 1 << 20  # below this a terminal gets no progress bar (unle
 PROGRESS_EVERY_S = 0.1
 PROGRESS_WIDTH = 20
 _ROLLUP_TABLES = ("usage_sample", "usage_rollup_hour", "usage_rollup_day")
-# keys that only a ``ccp db export --jsonl`` row has, and only a usage.jsonl record has
-_EXPORT_ONLY_KEYS = ("dirty_s", "decision")
-_RECORD_ONLY_KEYS = ("dirty_ms", "reroute_decision")
-
-
-def _store_modules():
-    """``(schema, queries)``: the store's stdlib-only modules, imported on first use so that
-    ``ccp status`` does not pay for them."""
-    from ccpd.store import queries, schema
-    return schema, queries
 
 
 def resolve_db(arg: str | None, environ=None) -> str:
@@ -131,7 +122,6 @@ def _check_is_store(cursor, path: str) -> None:
 def db_status(path: str, now: float | None = None) -> dict:
     """What ``ccp db status`` shows, read from the store at ``path``."""
 
-    schema, queries = _store_modules()
     _require_store(path)
     now = time.time() if now is None else now
     connection = _connect_ro(path)
@@ -208,7 +198,6 @@ def export_rows(path: str, since: float | None = None, model: str | None = None)
     """``(columns, rows)``: the store's samples, ordered by ``(ts, rid)``; ``rows`` is a lazy
     iterator that closes the connection when it is exhausted."""
 
-    _, queries = _store_modules()
     _require_store(path)
     columns = queries.SAMPLE_COLUMNS
     sql = f"SELECT {', '.join(columns)} FROM usage_sample"
@@ -303,32 +292,6 @@ def cmd_db_export(args) -> int:
     return EXIT_OK
 
 
-def _is_number(value) -> bool:
-    return _num(value) is not None
-
-
-def import_row(record, columns, sample_row) -> tuple | None:
-    """The ``usage_sample`` row of one parsed line, or None when it is not a sample.
-
-    A ``usage.jsonl`` record goes through :func:`ccpd.store.queries.sample_row`; a row of
-    ``ccp db export --jsonl`` (``dirty_s``/``decision`` instead of ``dirty_ms``/
-    ``reroute_decision``) is already a row and is taken column by column.
-    """
-    if not isinstance(record, dict):
-        return None
-    if not _is_number(record.get("ts")) or not isinstance(record.get("rid"), str) \
-            or not record["rid"]:
-        return None
-    exported = (any(k in record for k in _EXPORT_ONLY_KEYS)
-                and not any(k in record for k in _RECORD_ONLY_KEYS))
-    try:
-        if exported:
-            return tuple(record.get(c) for c in columns)
-        return sample_row(record)
-    except (TypeError, ValueError, KeyError):  # e.g. "dirty_ms": "slow"
-        return None
-
-
 class Progress:
     """One updating ``importing FILE  42% [=====>     ] 123,456 lines`` line on ``stream``."""
 
@@ -364,8 +327,6 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
     """Load the samples of ``jsonl_path`` into the store (created or migrated as needed);
     ``{"new", "stored", "skipped", "lines"}``. Rows already stored are left as they are."""
 
-    schema, queries = _store_modules()
-    columns, sample_row = queries.SAMPLE_COLUMNS, queries.sample_row
     counts = {"new": 0, "stored": 0, "skipped": 0, "lines": 0}
     directory = os.path.dirname(os.path.abspath(db_path))
     try:
@@ -401,7 +362,7 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
                     record = json.loads(raw)
                 except ValueError:  # a torn last line, or not JSON at all
                     record = None
-                row = import_row(record, columns, sample_row)
+                row = queries.sample_row_of(record)
                 if row is None:
                     counts["skipped"] += 1
                 else:

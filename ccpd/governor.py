@@ -61,8 +61,13 @@ class Governor:
         return quotas
 
     def state(self, model: str, now: float) -> QuotaState:
+        return self._standing(model, now)[0]
+
+    def _standing(self, model: str, now: float):
+        """``(state, auto warn)`` of ``model``: its quota state judged by the calibrated warn
+        threshold, and that calibration (None without a quota)."""
         warn = self._auto_warn(model)
-        return self.engine.state(model, now, warn.warn_pct_auto if warn else None)
+        return self.engine.state(model, now, warn.warn_pct_auto if warn else None), warn
 
     def _auto_warn(self, model: str):
         quota = self.engine.quotas.get(model)
@@ -70,9 +75,9 @@ class Governor:
             return None
         return self.calibration.auto_warn(model, quota.warn_pct, quota.rolling_window_hours * 3600)
 
-    def _calibrated_headroom(self, state: QuotaState) -> int | None:
+    @staticmethod
+    def _calibrated_headroom(state: QuotaState, warn) -> int | None:
         """Tokens left before the provider's (calibrated) limit, the lower of both windows."""
-        warn = self._auto_warn(state.model)
         multiplier = warn.limit_multiplier if warn else 1.0
         rooms = [max(0, math.floor(w.limit_tokens * multiplier) - w.used_tokens)
                  for w in state.windows if w.limit_tokens is not None]
@@ -89,9 +94,9 @@ class Governor:
         if route.secondary_lane is None and route.model not in self.engine.quotas:
             return Decision(route.lane, route.model, PREFERRED)  # no quota, nowhere to go
         now = self.clock.seconds()
-        state = self.state(route.model, now)
+        state, warn = self._standing(route.model, now)
         decision = self.policy.decide(route, state, self._secondary_state(route, now), now,
-                                      self._calibrated_headroom(state))
+                                      self._calibrated_headroom(state, warn))
         if decision.decision == PREFERRED and state.state != "ok":
             self.metrics.preferred_attempt.labels(route.model, route.lane).inc()
         if decision.decision != PREFERRED or decision.reason or state.state != "ok":

@@ -124,14 +124,20 @@ class _Collect(Protocol):
         self.done.callback(reason)
 
 
+async def open_stream(ccpd, headers) -> _Collect:
+    """A streamed request whose body arrives in a reader as it comes, not all at the end."""
+    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True}, headers,
+                          unbuffered=True)
+    reader = _Collect()
+    response.deliverBody(reader)
+    return reader
+
+
 @pytest_twisted.ensureDeferred
 async def test_events_reach_the_client_while_the_upstream_is_still_streaming(
         fake_upstream, start_ccpd):
     ccpd = await start_ccpd(fake_upstream.url())
-    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
-                          {"x-fake-scenario": "hang-after-headers"}, unbuffered=True)
-    reader = _Collect()
-    response.deliverBody(reader)
+    reader = await open_stream(ccpd, {"x-fake-scenario": "hang-after-headers"})
     await until(lambda: b"message_start" in reader.data)
     assert fake_upstream.in_flight == 1  # nothing was held back waiting for the end
     reader.transport.stopProducing()
@@ -288,10 +294,7 @@ async def test_stream_gone_silent_ends_with_a_timeout_event(fake_upstream, start
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_cancels_the_upstream_request(fake_upstream, start_ccpd):
     ccpd = await start_ccpd(fake_upstream.url())
-    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
-                          {"x-fake-events": "1000", "x-fake-interval-ms": "20"}, unbuffered=True)
-    reader = _Collect()
-    response.deliverBody(reader)
+    reader = await open_stream(ccpd, {"x-fake-events": "1000", "x-fake-interval-ms": "20"})
     await until(lambda: reader.data.count(b"content_block_delta") >= 2)
     reader.transport.loseConnection()
     await until(lambda: fake_upstream.cancelled == 1 and fake_upstream.in_flight == 0)
@@ -305,10 +308,7 @@ async def test_client_disconnect_cancels_the_upstream_request(fake_upstream, sta
 @pytest_twisted.ensureDeferred
 async def test_stop_lets_requests_in_flight_finish_and_logs_them(fake_upstream, start_ccpd):
     ccpd = await start_ccpd(fake_upstream.url())
-    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
-                          {"x-fake-events": "20", "x-fake-interval-ms": "25"}, unbuffered=True)
-    reader = _Collect()
-    response.deliverBody(reader)
+    reader = await open_stream(ccpd, {"x-fake-events": "20", "x-fake-interval-ms": "25"})
     await until(lambda: b"content_block_delta" in reader.data)
     await ccpd.service.stopService()
     await until(lambda: reader.done.called)
@@ -322,10 +322,7 @@ async def test_stop_cuts_off_endless_requests_after_the_grace_and_still_logs_the
         fake_upstream, start_ccpd, monkeypatch):
     monkeypatch.setattr(tap, "STOP_GRACE_S", 0.3)
     ccpd = await start_ccpd(fake_upstream.url())
-    response = await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True},
-                          {"x-fake-scenario": "hang-after-headers"}, unbuffered=True)
-    reader = _Collect()
-    response.deliverBody(reader)
+    reader = await open_stream(ccpd, {"x-fake-scenario": "hang-after-headers"})
     await until(lambda: b"message_start" in reader.data)
     await ccpd.service.stopService()
     [line] = ccpd.usage_lines()

@@ -42,6 +42,29 @@ def sample_row(record: dict) -> tuple:
         record.get("cache_read_input_tokens", 0), record.get("upstream_model"))
 
 
+# keys only a ``ccp db export --jsonl`` row has, and only a usage.jsonl record has
+_EXPORT_ONLY_KEYS = ("dirty_s", "decision")
+_RECORD_ONLY_KEYS = ("dirty_ms", "reroute_decision")
+
+
+def sample_row_of(line) -> tuple | None:
+    """The row of one parsed JSONL line — a ``usage.jsonl`` record or a row of
+    ``ccp db export --jsonl`` — or None when it is not a sample (no ``ts``/``rid``, badly
+    typed values)."""
+    if not isinstance(line, dict):
+        return None
+    ts, rid = line.get("ts"), line.get("rid")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) \
+            or not isinstance(rid, str) or not rid:
+        return None
+    exported = (any(k in line for k in _EXPORT_ONLY_KEYS)
+                and not any(k in line for k in _RECORD_ONLY_KEYS))
+    try:
+        return tuple(line.get(c) for c in SAMPLE_COLUMNS) if exported else sample_row(line)
+    except (TypeError, ValueError, KeyError):  # e.g. "dirty_ms": "slow"
+        return None
+
+
 def insert_samples(cursor, rows: list[tuple]) -> int:
     """Insert rows, ignoring those already stored (same ``(ts, rid)``); how many were new."""
     before = cursor.connection.total_changes

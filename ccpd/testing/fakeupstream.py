@@ -55,6 +55,11 @@ def _int_header(request, name: str, default: int) -> int:
         return default
 
 
+def _headers(request) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in request.requestHeaders.getAllRawHeaders()}
+
+
 def sse(event: str, payload: dict) -> bytes:
     return (f"event: {event}\ndata: " + json.dumps(payload, separators=(",", ":"))
             + "\n\n").encode()
@@ -131,8 +136,7 @@ class FakeUpstream(resource.Resource):
             self.requests.append(RecordedRequest(
                 method=request.method.decode(), path=path,
                 query=request.uri.decode("latin-1").partition("?")[2],
-                headers={k.decode("latin-1").lower(): v[-1].decode("latin-1")
-                         for k, v in request.requestHeaders.getAllRawHeaders()},
+                headers=_headers(request),
                 body=body))
         self.in_flight += 1
         finished = request.notifyFinish()
@@ -160,8 +164,7 @@ class FakeUpstream(resource.Resource):
             return self._json(request, 200, {
                 "method": method.decode(), "path": path,
                 "query": request.uri.decode("latin-1").partition("?")[2],
-                "headers": {k.decode("latin-1").lower(): v[-1].decode("latin-1")
-                            for k, v in request.requestHeaders.getAllRawHeaders()},
+                "headers": _headers(request),
                 "body_len": len(body)})
         if scenario == "hang":
             return None

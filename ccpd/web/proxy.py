@@ -74,9 +74,14 @@ class Exchange:
     def anomaly(self, kind: str, detail: str, **extra) -> None:
         self.anomalies.append({"kind": kind, "detail": detail, **extra})
 
+    @staticmethod
+    def span(start: float | None, end: float | None) -> float:
+        """Seconds from ``start`` to ``end``; 0 when either is unknown."""
+        return 0.0 if start is None or end is None else max(0.0, end - start)
+
     def record(self, reroute_mode: str) -> UsageRecord:
         def ms(start: float | None, end: float | None) -> int:
-            return 0 if start is None or end is None else max(0, round((end - start) * 1000))
+            return round(self.span(start, end) * 1000)
 
         return UsageRecord(
             ts=self.started, rid=self.rid, model=self.model,
@@ -300,14 +305,11 @@ class Proxy:
                 or usage.cache_read_input_tokens):
             return
 
-        def seconds(start, end):
-            return 0.0 if start is None or end is None else max(0.0, end - start)
-
+        span = exchange.span
         self.governor.account(
-            exchange.sent_model, usage,
-            seconds=seconds(exchange.started, exchange.finished_at),
-            stream_seconds=seconds(exchange.first_byte_at, exchange.last_byte_at),
-            ttft_seconds=(seconds(exchange.started, exchange.first_token_at)
+            exchange.sent_model, usage, seconds=span(exchange.started, exchange.finished_at),
+            stream_seconds=span(exchange.first_byte_at, exchange.last_byte_at),
+            ttft_seconds=(span(exchange.started, exchange.first_token_at)
                           if exchange.first_token_at else None))
 
     async def forward(self, request, lane: Lane, body: bytes, exchange: Exchange,
