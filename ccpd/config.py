@@ -6,9 +6,10 @@ Every section and key is declared in one table; anything else, and any bad value
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta, timezone
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
@@ -25,6 +26,17 @@ class ServerConfig:
     listen: str = "tcp:8787:interface=127.0.0.1"
     admin_token: str = ""
     max_body_bytes: int = 32 * 1024 * 1024
+    allowed_hosts: tuple[str, ...] = ()     # Host names accepted besides loopback ones
+    allowed_origins: tuple[str, ...] = ()   # browser origins accepted besides ccpd's own
+    client_tokens: tuple[str, ...] = field(default=(), repr=False)
+    client_tokens_file: str = ""
+    backlog: int = 511
+    header_timeout_s: float = 30.0
+    max_in_flight: int = 512
+
+    @property
+    def listen_is_loopback(self) -> bool:
+        return endpoint_is_loopback(self.listen)
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,78 @@ def _tz_offset(text: str) -> str:
     return text.strip()
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma- or space-separated list."""
+    return tuple(part for part in re.split(r"[\s,]+", text.strip()) if part)
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = tuple(host.lower() for host in _names(text))
+    for host in hosts:
+        if "/" in host or "@" in host:
+            raise ValueError(f"{host!r} is not a host name (write name or name:port, no scheme)")
+    return hosts
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(origin.lower().rstrip("/") for origin in _names(text))
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "null" and (parts.scheme not in ("http", "https") or not parts.hostname
+                                 or parts.path or parts.query):
+            raise ValueError(f"{origin!r} is not an origin like https://host[:port] (or null)")
+    return origins
+
+
+MIN_CLIENT_TOKEN_LENGTH = 16
+
+
+def _tokens(text: str) -> tuple[str, ...]:
+    # The values are secrets: no message here may quote them.
+    tokens = _names(text)
+    for number, token in enumerate(tokens, 1):
+        if len(token) < MIN_CLIENT_TOKEN_LENGTH:
+            raise ValueError(f"token {number} is shorter than {MIN_CLIENT_TOKEN_LENGTH} "
+                             f"characters (value not shown)")
+    return tokens
+
+
+def read_client_tokens(path: str) -> tuple[str, ...]:
+    """The tokens in ``path``: one per line, ``#`` comments and blank lines ignored."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    return _tokens(" ".join(line for line in lines if line))
+
+
+def endpoint_is_loopback(description: str) -> bool:
+    """Whether a Twisted server endpoint string listens on loopback (or a unix socket) only.
+
+    ``tcp:PORT`` without ``interface`` listens on every address; kinds this does not know
+    (``systemd:``, ...) count as reachable from the network.
+    """
+    parts = re.split(r"(?<!\\):", description.strip())
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
+        return False
+    options = dict(part.split("=", 1) for part in parts[2:] if "=" in part)
+    interface = options.get("interface", "").replace("\\:", ":").strip("[]")
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(text: str) -> str:
+    text = _non_empty(text)
+    if "backlog=" in text and text.partition(":")[0].lower() in ("tcp", "tcp6", "ssl", "unix"):
+        raise ValueError("set the listen backlog with [server] backlog, not in the endpoint")
+    return text
+
+
 def _reroute_mode(text: str) -> str:
     text = text.strip().lower()
     if text not in REROUTE_MODES:
@@ -230,9 +314,16 @@ def _reroute_mode(text: str) -> str:
 # section -> key -> (parser, environment variable or None). "lane:*" applies to every lane.
 _KEYS: dict[str, dict[str, tuple[Callable[[str], object], str | None]]] = {
     "server": {
-        "listen": (_non_empty, "CCP_LISTEN"),
+        "listen": (_listen, "CCP_LISTEN"),
         "admin_token": (_text, None),
         "max_body_bytes": (_int(1), None),
+        "allowed_hosts": (_hosts, None),
+        "allowed_origins": (_origins, None),
+        "client_tokens": (_tokens, "CCP_CLIENT_TOKENS"),
+        "client_tokens_file": (_non_empty, None),
+        "backlog": (_int(1), None),
+        "header_timeout_s": (_positive_duration, None),
+        "max_in_flight": (_int(1), None),
     },
     "lane:*": {
         "base_url": (_base_url, None),
@@ -329,6 +420,30 @@ def _routes(reader: _Reader, lanes: Mapping[str, LaneConfig]) -> dict[str, Route
     return routes
 
 
+def _server(reader: _Reader, lanes: Mapping[str, LaneConfig], check_files: bool) -> ServerConfig:
+    server = ServerConfig(**reader.section("server"))
+    if server.client_tokens_file and check_files:
+        try:
+            tokens = read_client_tokens(server.client_tokens_file)
+        except OSError as e:
+            raise reader.fail("server", "client_tokens_file",
+                              f"cannot read {server.client_tokens_file}: {e.strerror}") from None
+        except ValueError as e:
+            raise reader.fail("server", "client_tokens_file",
+                              f"{server.client_tokens_file}: {e}") from None
+        server = replace(server, client_tokens=server.client_tokens + tokens)
+    injecting = sorted(name for name, lane in lanes.items() if lane.auth.kind != "passthrough")
+    if injecting and not server.listen_is_loopback and not (
+            server.client_tokens or server.client_tokens_file):
+        raise reader.fail(
+            "server", "listen",
+            f"{server.listen} can be reached from the network and lane(s) "
+            f"{', '.join(injecting)} send your own API key upstream, so anyone who can connect "
+            f"could spend it: set [server] client_tokens (or client_tokens_file, or "
+            f"CCP_CLIENT_TOKENS) to tokens clients must send, or listen on 127.0.0.1")
+    return server
+
+
 def _make_parser() -> configparser.ConfigParser:
     parser = configparser.ConfigParser(
         interpolation=None,
@@ -376,7 +491,7 @@ def config_from_string(text: str, source: str = "<string>",
 
     return Config(
         source=source,
-        server=ServerConfig(**reader.section("server")),
+        server=_server(reader, lanes, check_files),
         lanes=lanes,
         routing=routing,
         routes=_routes(reader, lanes),

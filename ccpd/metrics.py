@@ -14,6 +14,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # Latency buckets in seconds, from sub-millisecond (local fakes, count_tokens) to long streams.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                      600)
+REFUSAL_REASONS = ("host", "origin", "client_token", "headers_too_large", "header_timeout",
+                   "overloaded")
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 
@@ -61,6 +63,24 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.store_size = Gauge(
             "ccp_store_size_bytes", "Size of the store on disk (database and WAL).", registry=r)
+        self.refused = Counter(
+            "ccp_requests_refused", "Requests and connections ccpd refused before serving them, "
+            "by reason: host, origin, client_token, headers_too_large, header_timeout, "
+            "overloaded.", ["reason"], registry=r)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
+        self.log_write_errors = Counter(
+            "ccp_log_write_errors", "Lines that could not be written to a log at the first "
+            "attempt (kept in memory and written later, in order).", ["log"], registry=r)
+        self.log_spooled = Gauge(
+            "ccp_log_spooled_lines", "Lines waiting in memory for the log's disk to accept "
+            "them again.", ["log"], registry=r)
+        self.log_dropped = Counter(
+            "ccp_log_lines_dropped", "Lines given up because the log's spool was full (they "
+            "are still in the store).", ["log"], registry=r)
+        for log in ("usage", "anomaly"):
+            for metric in (self.log_write_errors, self.log_spooled, self.log_dropped):
+                metric.labels(log)
         self.lane_up = Gauge(
             "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
             ["lane"], registry=r)

@@ -20,7 +20,8 @@ from ccpd.metrics import Metrics
 from ccpd.quotas import ModelQuota, QuotaError, load_quotas
 from ccpd.recorder import USAGE_LOG, Recorder
 from ccpd.store.service import StoreService
-from ccpd.web.app import CcpdApp, CcpdSite
+from ccpd.web.app import CcpdApp
+from ccpd.web.site import CcpdSite
 
 log = Logger()
 
@@ -65,6 +66,14 @@ class CcpdService(service.MultiService):
                 yield child.stopService()
 
 
+def with_backlog(listen: str, backlog: int) -> str:
+    """The endpoint string with its listen backlog (Twisted's default of 50 makes a burst of
+    connections wait for SYN retransmits, whole seconds)."""
+    if listen.partition(":")[0].lower() in ("tcp", "tcp6", "ssl", "unix"):
+        return f"{listen}:backlog={backlog}"
+    return listen
+
+
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ,
                   quotas: dict[str, ModelQuota] | None = None) -> CcpdService:
     """The service tree; ``quotas`` defaults to the quotas file of ``config``.
@@ -74,7 +83,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     """
     metrics = Metrics()
     lanes = Lanes(config.lanes, reactor, environ)
-    recorder = Recorder(config.logs, metrics, config.routing.reroute_mode)
+    recorder = Recorder(config.logs, metrics, config.routing.reroute_mode, reactor)
     governor = Governor(config, load_quotas(config.quotas_file) if quotas is None else quotas,
                         metrics, reactor)
     store = StoreService(config.store, os.path.join(config.logs.dir, USAGE_LOG), governor,
@@ -89,8 +98,11 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
                                      clock=reactor),
                   store):
         child.setServiceParent(top)
-    site = CcpdSite(app.resource(), config.server.max_body_bytes, reactor=reactor)
-    top.web = strports.service(config.server.listen, site, reactor=reactor)
+    server = config.server
+    site = CcpdSite(app.resource(), server.max_body_bytes, server.header_timeout_s,
+                    metrics.refused, reactor=reactor)
+    top.web = strports.service(with_backlog(server.listen, server.backlog), site,
+                               reactor=reactor)
     top.web.setServiceParent(top)
     return top
 

@@ -5,6 +5,10 @@ several writers never interleave. Rotation renames ``f`` → ``f.1`` → … →
 done under an ``flock`` on ``f.lock`` (and a thread lock inside one process), and a writer that
 finds its file was rotated by someone else reopens before it writes. No line is lost or written
 twice, and every rotated file in ``1..backups`` exists once the first rotation is done.
+
+A line is in the file whole or not at all: when a write fails part-way (a full disk), the part
+that got in is cut off again. Lines that could not be written wait, in order, in a bounded
+in-memory spool and go to the file before any newer line once the disk accepts them again.
 """
 from __future__ import annotations
 
@@ -13,7 +17,10 @@ import json
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
+
+SPOOL_MAX_BYTES = 16 * 1024 * 1024  # about 20,000 usage lines
 
 
 def _finite(value):
@@ -38,10 +45,17 @@ def encode_line(record: dict) -> bytes:
 class RotatingJSONLWriter:
     """Appends JSON objects to ``path``, rotating at ``max_bytes`` (0: never)."""
 
-    def __init__(self, path: str, max_bytes: int, backups: int):
+    def __init__(self, path: str, max_bytes: int, backups: int,
+                 spool_max_bytes: int = SPOOL_MAX_BYTES):
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
+        self.spool_max_bytes = spool_max_bytes
+        self.dropped = 0               # spooled lines given up because the spool was full
+        self.last_error: str | None = None  # why the spool is not empty
+        self._spool: deque[bytes] = deque()
+        self._spool_bytes = 0
+        self._torn_at: int | None = None  # where a failed write could not be cut off
         self._lock = threading.Lock()
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -50,31 +64,75 @@ class RotatingJSONLWriter:
         self._ino = None
         self._open()
 
+    @property
+    def spooled(self) -> int:
+        """Lines waiting for the disk."""
+        return len(self._spool)
+
     def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._ino = os.fstat(self._fd).st_ino
+        self._fd = fd
+        self._ino = os.fstat(fd).st_ino
+        self._torn_at = None
 
-    def write(self, record: dict) -> None:
-        self.write_line(encode_line(record))
+    def write(self, record: dict) -> bool:
+        return self.write_line(encode_line(record))
 
-    def write_line(self, line: bytes) -> None:
+    def write_line(self, line: bytes) -> bool:
+        """Append ``line``; True when it is in the file, False when it waits in the spool
+        (the disk refused it, or older lines are still waiting)."""
         with self._lock:
             if self._fd < 0:
                 raise ValueError(f"{self.path} is closed")
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._spool.append(line)
+            self._spool_bytes += len(line)
+            while self._spool_bytes > self.spool_max_bytes and len(self._spool) > 1:
+                self._spool_bytes -= len(self._spool.popleft())
+                self.dropped += 1
+            return self._flush_spool()
+
+    def flush(self) -> bool:
+        """Try the waiting lines again; True when none is left."""
+        with self._lock:
+            return self._fd < 0 or self._flush_spool()
+
+    def _flush_spool(self) -> bool:
+        while self._spool:
             try:
-                self._follow_rotation()
-                if self.max_bytes:
-                    size = os.fstat(self._fd).st_size
-                    if size and size + len(line) > self.max_bytes:
-                        self._rotate()
-                view = memoryview(line)
+                self._append(self._spool[0])
+            except OSError as e:
+                self.last_error = e.strerror or str(e)
+                return False
+            self._spool_bytes -= len(self._spool.popleft())
+        self.last_error = None
+        return True
+
+    def _append(self, line: bytes) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._follow_rotation()
+            if self._torn_at is not None:
+                os.ftruncate(self._fd, self._torn_at)
+                self._torn_at = None
+            size = os.fstat(self._fd).st_size
+            if self.max_bytes and size and size + len(line) > self.max_bytes:
+                self._rotate()
+                size = 0
+            view = memoryview(line)
+            try:
                 while view:
                     view = view[os.write(self._fd, view):]
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            except OSError:
+                if len(view) < len(line):  # part of the line got in: cut it off again
+                    try:
+                        os.ftruncate(self._fd, size)
+                    except OSError:
+                        self._torn_at = size  # cut before the next line instead
+                raise
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _follow_rotation(self) -> None:
         """Reopen when another writer rotated (or someone removed) the file."""

@@ -1,4 +1,4 @@
-"""The Klein application: proxy routes, ops endpoints, and the Site that serves them.
+"""The Klein application: proxy routes and ops endpoints.
 
 State lives on the :class:`CcpdApp` instance (Klein's "non-global state" pattern), so tests
 build one over fakes and drive it with ``StubTreq`` or a real listening port.
@@ -11,57 +11,17 @@ import json
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import server
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ccpd.quotas import QuotaError
 from ccpd.store import queries
 from ccpd.usage import TokenUsage
-from ccpd.web.proxy import Proxy, error_response
+from ccpd.web.errors import error_response
+from ccpd.web.guard import Guard
+from ccpd.web.proxy import Proxy
 
 log = Logger()
 _JSON = [b"application/json"]
-
-
-class CcpdRequest(server.Request):
-    """A request that stops storing its body once it is larger than the site allows."""
-
-    body_too_large = False
-    _body_size = 0
-    # No "text/html" stamped on bodies that came without a content type: we pass them through.
-    defaultContentType = None
-
-    def _limit(self) -> int:
-        return self.channel.site.max_body_bytes  # self.site is only set once the body is in
-
-    def gotLength(self, length):
-        if length is not None and length > self._limit():
-            self.body_too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data):
-        self._body_size += len(data)
-        if self._body_size > self._limit():
-            self.body_too_large = True
-        if not self.body_too_large:
-            super().handleContentChunk(data)
-
-
-class CcpdSite(server.Site):
-    """The site: usage.jsonl is ccpd's access log, so the per-request access line is off."""
-
-    requestFactory = CcpdRequest
-    noisy = False
-
-    def __init__(self, resource, max_body_bytes: int, **kwargs):
-        # Bodies are passed on as they are, never parsed as HTML form submissions; that also
-        # saves a costly content-type parse (an email.message per request).
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
-        self.max_body_bytes = max_body_bytes
-
-    def log(self, request):
-        pass
 
 
 def _json(request, body: dict) -> bytes:
@@ -125,14 +85,16 @@ class CcpdApp:
     def __init__(self, config, lanes, recorder, metrics, governor, store, clock):
         self.config = config
         self.lanes = lanes
+        self.recorder = recorder
         self.metrics = metrics
         self.governor = governor
         self.store = store
         self.clock = clock
-        self.proxy = Proxy(config, lanes, recorder, governor, clock)
+        self.proxy = Proxy(config, lanes, recorder, governor, clock, metrics.refused)
 
     def resource(self):
-        return self.app.resource()
+        """The resource tree to serve: the routes behind the :class:`Guard`."""
+        return Guard(self.app.resource(), self.config.server, self.metrics.refused)
 
     # -- proxy ----------------------------------------------------------------------------------
 
@@ -246,7 +208,10 @@ class CcpdApp:
         ready = all(result.up for result in results)
         request.setResponseCode(200 if ready else 503)
         request.responseHeaders.setRawHeaders(b"content-type", _JSON)
-        body = {"ready": ready, "lanes": lanes}
+        logs = self.recorder.log_health()
+        # A log the disk refuses degrades ccpd (lines wait in memory) but it still serves.
+        body = {"ready": ready, "lanes": lanes, "logs": logs,
+                "degraded": not all(state["ok"] for state in logs.values())}
         if not ready:
             body["failing"] = sorted(name for name, lane in lanes.items() if not lane["up"])
         return json.dumps(body).encode("utf-8")

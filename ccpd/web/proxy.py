@@ -18,6 +18,7 @@ from twisted.web.http import PotentialDataLoss
 
 from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
 from ccpd.policy import BLOCKED, Decision, limit_window
+from ccpd.web.errors import error_response, sse_error_event
 from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
                         usage_from_headers, usage_from_json)
 
@@ -27,22 +28,7 @@ log = Logger()
 # it cannot be a Messages answer worth parsing.
 _MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
 _CONTENT_LENGTH = frozenset({b"content-length"})
-
-
-def error_body(error_type: str, message: str) -> bytes:
-    """Anthropic's error shape."""
-    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}
-                      ).encode("utf-8")
-
-
-def error_response(request, status: int, error_type: str, message: str) -> bytes:
-    request.setResponseCode(status)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-    return error_body(error_type, message)
-
-
-def sse_error_event(error_type: str, message: str) -> bytes:
-    return b"event: error\ndata: " + error_body(error_type, message) + b"\n\n"
+OVERLOAD_RETRY_AFTER = b"1"  # seconds; the anthropic SDKs retry a 529 with a backoff of their own
 
 
 @dataclass
@@ -173,8 +159,9 @@ class _HeldLimitAnswer:
 class Proxy:
     """Sends requests to lanes and relays their answers; records every exchange."""
 
-    def __init__(self, config, lanes, recorder, governor, clock):
+    def __init__(self, config, lanes, recorder, governor, clock, refused_counter):
         self.config = config
+        self._overloaded = refused_counter.labels("overloaded")
         self.lanes = lanes
         self.recorder = recorder
         self.governor = governor
@@ -212,6 +199,12 @@ class Proxy:
                     waiter.callback(None)
 
     async def _serve(self, request, op: str, exchange: Exchange) -> bytes | None:
+        if len(self.active) > self.config.server.max_in_flight:  # this request is in active
+            self._overloaded.inc()
+            request.responseHeaders.setRawHeaders(b"retry-after", [OVERLOAD_RETRY_AFTER])
+            return self._refused(request, exchange, 529, "overloaded_error",
+                                 f"ccpd is serving {self.config.server.max_in_flight} requests "
+                                 f"already ([server] max_in_flight); retry shortly")
         if getattr(request, "body_too_large", False):
             return self._refused(request, exchange, 413, "request_too_large",
                                  f"request body exceeds {self.config.server.max_body_bytes} bytes")
