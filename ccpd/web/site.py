@@ -136,7 +136,11 @@ class CcpdChannel(http.HTTPChannel):
         self._refused = True
         self._stop_header_clock()
         self.transport.write(answer)
-        self.transport.loseWriteConnection()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:  # a transport that cannot half-close
+            self.transport.loseConnection()
+            return
+        half_close()
         self.callLater(LINGER_SECONDS, self.transport.abortConnection)
 
 
