@@ -7,17 +7,15 @@ instead of a dropped connection.
 """
 from __future__ import annotations
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.web import http, server
-from zope.interface import implementer
 
 from ccpd.web.errors import error_body
 
 # Request line plus headers. Claude Code sends about 2 KB; Node's own limit is 16 KB.
 MAX_HEADER_BYTES = 32 * 1024
-# After refusing, ccpd keeps reading (and dropping) what the client still sends for this long,
-# so that closing with unread data does not reset the connection before the client has read
-# the answer.
+# After refusing, ccpd keeps reading (and dropping) what the client still sends for this long
+# before it closes: closing with unread data would reset the connection, and the client might
+# lose the answer before reading it. A client that reads the answer closes first.
 LINGER_SECONDS = 2.0
 
 
@@ -54,7 +52,6 @@ def _raw_answer(status: int, reason: bytes, error_type: str, message: str) -> by
             b"connection: close\r\n\r\n" % (status, reason, len(body))) + body
 
 
-@implementer(IHalfCloseableProtocol)
 class CcpdChannel(http.HTTPChannel):
     """An HTTP channel with a deadline for request headers and a 431 for oversized ones."""
 
@@ -65,6 +62,7 @@ class CcpdChannel(http.HTTPChannel):
     _header_timer = None
     _in_request = False
     _refused = False
+    _linger = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -98,15 +96,10 @@ class CcpdChannel(http.HTTPChannel):
         self._in_request = False
         super().requestDone(request)
 
-    def readConnectionLost(self):
-        if self._refused:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
-
     def connectionLost(self, reason):
         self._stop_header_clock()
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         super().connectionLost(reason)
 
     # -- refusals -------------------------------------------------------------------------------
@@ -136,12 +129,7 @@ class CcpdChannel(http.HTTPChannel):
         self._refused = True
         self._stop_header_clock()
         self.transport.write(answer)
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:  # a transport that cannot half-close
-            self.transport.loseConnection()
-            return
-        half_close()
-        self.callLater(LINGER_SECONDS, self.transport.abortConnection)
+        self._linger = self.callLater(LINGER_SECONDS, self.transport.loseConnection)
 
 
 class CcpdSite(server.Site):
