@@ -1,0 +1,137 @@
+"""What the providers themselves say about each lane: the latest utilisation per window (from
+the unified headers of every answer, or a lane's own quota endpoint), lanes that cannot serve
+until someone acts, and the limits those readings imply.
+
+Pure logic: no reactor and no I/O; every call takes ``now``. A lane is one account or plan, so
+readings are kept per lane, and per provider window (``five_hour``, ``seven_day``, ...).
+"""
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+from ccpd.limits import FIVE_HOUR, SEVEN_DAY, ProviderUtilization
+
+# ccpd's own quota window that each provider window is a reading of.
+QUOTA_WINDOW = {FIVE_HOUR: "rolling", SEVEN_DAY: "weekly"}
+# Utilisation below this says too little about the cap to learn it (1 % of 2M tokens = 20k).
+_MIN_LEARNING_UTILIZATION = 0.02
+_CAP_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One window of one lane, as the provider reported it."""
+
+    lane: str
+    window: str
+    utilization: float | None
+    reset_at: float | None
+    status: str | None
+    observed_at: float
+    source: str = "headers"    # headers | poll
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.observed_at)
+
+    def to_row(self) -> tuple:
+        return (self.lane, self.window, self.utilization, self.reset_at, self.status,
+                self.observed_at, self.source)
+
+
+@dataclass(frozen=True)
+class LearnedLimit:
+    """The cap a window's readings imply: tokens ccpd counted in it ÷ the provider's figure."""
+
+    tokens: int
+    samples: int
+    confidence: float  # 0-1: more samples that agree, more confidence
+
+
+class ProviderEvidence:
+    """Per lane: the newest reading of each window, the lane's overall status, whether it can
+    serve at all, and the implied caps learned from readings."""
+
+    def __init__(self):
+        self.readings: dict[tuple[str, str], Reading] = {}
+        self.status: dict[str, tuple[str | None, str | None, float]] = {}  # lane -> (status,
+        #                                                      representative claim, observed)
+        self.unusable: dict[str, str] = {}  # lane -> why (an account problem)
+        self._caps: dict[tuple[str, str], deque] = {}
+
+    # -- readings --------------------------------------------------------------------------------
+
+    def observe(self, lane: str, reading: ProviderUtilization, now: float,
+                source: str = "headers") -> list[Reading]:
+        """Keep what one answer (or one poll) said; returns the window readings kept."""
+        self.status[lane] = (reading.status, reading.representative_claim, now)
+        kept = []
+        for window, figures in reading.windows.items():
+            kept.append(self.put(Reading(lane, window, figures.utilization, figures.reset_at,
+                                         figures.status, now, source)))
+        return kept
+
+    def put(self, reading: Reading) -> Reading:
+        self.readings[(reading.lane, reading.window)] = reading
+        return reading
+
+    def restore(self, rows) -> None:
+        """Readings saved by :meth:`Reading.to_row` (the store keeps them across restarts)."""
+        for row in rows:
+            reading = Reading(*row)
+            current = self.readings.get((reading.lane, reading.window))
+            if current is None or current.observed_at < reading.observed_at:
+                self.put(reading)
+
+    def reading(self, lane: str, window: str, now: float,
+                max_age: float | None = None) -> Reading | None:
+        """The newest reading of ``window``; None when there is none, it is older than
+        ``max_age``, or its window has reset since (the figure no longer describes it)."""
+        reading = self.readings.get((lane, window))
+        if reading is None:
+            return None
+        if reading.reset_at is not None and reading.reset_at <= now:
+            return None
+        if max_age is not None and reading.age(now) > max_age:
+            return None
+        return reading
+
+    def lane_readings(self, lane: str, now: float) -> list[Reading]:
+        return [reading for (name, window), reading in sorted(self.readings.items())
+                if name == lane and self.reading(lane, window, now) is not None]
+
+    # -- lanes that cannot serve -----------------------------------------------------------------
+
+    def mark_unusable(self, lane: str, reason: str) -> bool:
+        """True when this is news (the lane was usable)."""
+        news = lane not in self.unusable
+        self.unusable[lane] = reason
+        return news
+
+    def mark_usable(self, lane: str) -> bool:
+        return self.unusable.pop(lane, None) is not None
+
+    # -- learned limits --------------------------------------------------------------------------
+
+    def learn(self, lane: str, window: str, counted_tokens: int, utilization: float | None
+              ) -> None:
+        """One implied-cap sample: ccpd counted ``counted_tokens`` in the window while the
+        provider reported ``utilization`` of it."""
+        if utilization is None or utilization < _MIN_LEARNING_UTILIZATION or counted_tokens <= 0:
+            return
+        samples = self._caps.setdefault((lane, window), deque(maxlen=_CAP_SAMPLES))
+        samples.append(counted_tokens / utilization)
+
+    def learned_limit(self, lane: str, window: str) -> LearnedLimit | None:
+        samples = list(self._caps.get((lane, window), ()))
+        if not samples:
+            return None
+        median = statistics.median(samples)
+        if len(samples) > 1:
+            quartiles = statistics.quantiles(samples, n=4)
+            spread = (quartiles[2] - quartiles[0]) / median if median else 1.0
+        else:
+            spread = 1.0
+        confidence = min(1.0, len(samples) / 10) * max(0.0, 1.0 - min(1.0, spread))
+        return LearnedLimit(round(median), len(samples), round(confidence, 3))
