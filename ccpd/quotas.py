@@ -1,4 +1,5 @@
-"""Per-model token quotas over a rolling window and a weekly window, and the speeds seen.
+"""Token quotas over a rolling window and a weekly window, per model and per lane (a lane is
+one plan or account: its limits cover every model it serves), and the speeds seen.
 
 Pure logic: no reactor and no I/O; every call takes ``now`` (epoch seconds). Usage is kept in
 fixed time buckets with running sums, so recording a request costs the same however long the
@@ -47,6 +48,15 @@ class ModelQuota:
 _DEFAULT_QUOTA = ModelQuota()
 
 
+class Quotas(dict):
+    """The quotas of a file: model name -> :class:`ModelQuota`, plus plan limits per lane in
+    ``lanes`` (lane name -> :class:`ModelQuota`). Both apply; the tighter decides."""
+
+    def __init__(self, models=(), lanes=None):
+        super().__init__(models)
+        self.lanes: dict[str, ModelQuota] = dict(lanes or {})
+
+
 def _number(where: str, value, *, integer: bool = False, low: float = 0.0,
             high: float = math.inf, low_open: bool = True):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -61,20 +71,29 @@ def _number(where: str, value, *, integer: bool = False, low: float = 0.0,
     return int(value) if integer else float(value)
 
 
-def parse_quotas(text: str, source: str) -> dict[str, ModelQuota]:
-    """The quotas of a ``quotas.json`` text; :class:`QuotaError` names ``source`` and the key."""
+def parse_quotas(text: str, source: str) -> Quotas:
+    """The quotas of a ``quotas.json`` text; :class:`QuotaError` names ``source`` and the key.
+
+    ``{"models": {...}, "lanes": {...}}``: ``lanes`` (plan limits, same keys) is optional."""
     try:
         document = json.loads(text)
     except ValueError as e:
         raise QuotaError(f"{source}: not valid JSON: {e}") from None
     if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
         raise QuotaError(f'{source}: must be an object with a "models" object')
-    unknown = set(document) - {"models"}
+    unknown = set(document) - {"models", "lanes"}
     if unknown:
         raise QuotaError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+    if not isinstance(document.get("lanes", {}), dict):
+        raise QuotaError(f'{source}: lanes: must be an object of lane names')
+    return Quotas(_entries(document["models"], f"{source}: models"),
+                  _entries(document.get("lanes", {}), f"{source}: lanes"))
+
+
+def _entries(entries: dict, where_prefix: str) -> dict[str, ModelQuota]:
     quotas = {}
-    for model, entry in document["models"].items():
-        where = f"{source}: models.{model}"
+    for model, entry in entries.items():
+        where = f"{where_prefix}.{model}"
         if not isinstance(entry, dict):
             raise QuotaError(f"{where}: must be an object")
         known = ModelQuota.__dataclass_fields__
@@ -102,7 +121,7 @@ def parse_quotas(text: str, source: str) -> dict[str, ModelQuota]:
     return quotas
 
 
-def load_quotas(path: str) -> dict[str, ModelQuota]:
+def load_quotas(path: str) -> Quotas:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -128,6 +128,15 @@ def test_parse_quotas_accepts_the_spec_example():
         warn_pct=0.8)}
 
 
+def test_plan_limits_per_lane_sit_beside_the_models():
+    text = json.dumps({"models": {"glm-4.6": {"rolling_limit_tokens": 100}},
+                       "lanes": {"zai": {"rolling_limit_tokens": 2000000, "warn_pct": 0.9}}})
+    quotas = parse_quotas(text, "q.json")
+    assert quotas == {"glm-4.6": ModelQuota(rolling_limit_tokens=100)}
+    assert quotas.lanes == {"zai": ModelQuota(rolling_limit_tokens=2000000, warn_pct=0.9)}
+    assert parse_quotas('{"models": {}}', "q.json").lanes == {}  # old files: unchanged
+
+
 @pytest.mark.parametrize("document, words", [
     ("{nope", "q.json: not valid JSON"),
     ('{"glm": {}}', 'q.json: must be an object with a "models" object'),
@@ -139,6 +148,10 @@ def test_parse_quotas_accepts_the_spec_example():
     ('{"models": {"glm": {"rolling_limit": 5}}}', "models.glm.rolling_limit: unknown key"),
     ('{"models": {"glm": {"count_cache_read": 1}}}', "must be true or false"),
     ('{"models": {"glm": 5}}', "models.glm: must be an object"),
+    ('{"models": {}, "lanes": []}', "q.json: lanes: must be an object of lane names"),
+    ('{"models": {}, "lanes": {"zai": {"warn_pct": 0}}}', "q.json: lanes.zai.warn_pct: must be "
+                                                          "above 0"),
+    ('{"models": {}, "plans": {}}', "q.json: unknown key 'plans'"),
 ])
 def test_bad_quota_files_name_the_key(document, words):
     with pytest.raises(QuotaError) as raised:
