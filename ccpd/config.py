@@ -57,6 +57,18 @@ class LaneConfig:
     idle_timeout_s: float = 300.0
     reset_tz: str = "+00:00"
     max_connections: int = 128
+    quota_url: str = ""          # the plan's own usage endpoint, polled when set (Z.AI)
+    quota_poll: float = 300.0    # seconds between polls; never under MIN_QUOTA_POLL_S
+
+    @property
+    def quota_endpoint(self) -> str | None:
+        """``quota_url`` as an absolute URL (a path is on the lane's host), or None."""
+        if not self.quota_url:
+            return None
+        if self.quota_url.startswith("/"):
+            parts = urlsplit(self.base_url)
+            return f"{parts.scheme}://{parts.netloc}{self.quota_url}"
+        return self.quota_url
 
     @property
     def reset_tzinfo(self) -> timezone:
@@ -79,6 +91,8 @@ class RoutingConfig:
     default_lane: str = "anthropic"
     reroute_mode: str = "hybrid"
     cooldown_sec: float = 300.0
+    provider_max_age: float = 600.0   # a provider reading older than this is not used
+    block_at: float = 0.98            # provider utilisation at which a lane counts as blocked
 
 
 @dataclass(frozen=True)
@@ -304,6 +318,30 @@ def _listen(text: str) -> str:
     return text
 
 
+MIN_QUOTA_POLL_S = 60.0
+
+
+def _quota_url(text: str) -> str:
+    text = text.strip()
+    if text and not text.startswith("/"):
+        _base_url(text)  # an absolute URL must be http(s)
+    return text
+
+
+def _quota_poll(text: str) -> float:
+    value = parse_duration(text)
+    if value < MIN_QUOTA_POLL_S:
+        raise ValueError(f"{text!r} is more often than once a minute (use 1m or more)")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_number(text)
+    if value > 1:
+        raise ValueError(f"{text!r} must be a fraction from 0 to 1")
+    return value
+
+
 def _reroute_mode(text: str) -> str:
     text = text.strip().lower()
     if text not in REROUTE_MODES:
@@ -333,11 +371,15 @@ _KEYS: dict[str, dict[str, tuple[Callable[[str], object], str | None]]] = {
         "idle_timeout_s": (_positive_number, None),
         "reset_tz": (_tz_offset, None),
         "max_connections": (_int(1), None),
+        "quota_url": (_quota_url, None),
+        "quota_poll": (_quota_poll, None),
     },
     "routing": {
         "default_lane": (_non_empty, None),
         "reroute_mode": (_reroute_mode, "CCP_REROUTE_MODE"),
         "cooldown_sec": (parse_duration, "CCP_QUOTA_COOLDOWN_SEC"),
+        "provider_max_age": (_positive_duration, None),
+        "block_at": (_fraction, None),
     },
     "quotas": {"file": (_non_empty, None)},
     "logs": {
@@ -479,6 +521,9 @@ def config_from_string(text: str, source: str = "<string>",
         if section.startswith("lane:"):
             name = section[5:].strip()
             lanes[name] = LaneConfig(name=name, **reader.section(section, "lane:*"))
+            if lanes[name].quota_url and lanes[name].auth.kind == "passthrough":
+                raise reader.fail(section, "quota_url", "polling the plan's quota needs the "
+                                  "lane's own key (auth = env:VAR or bearer-env:VAR)")
 
     routing = RoutingConfig(**reader.section("routing"))
     if routing.default_lane not in lanes:

@@ -119,12 +119,16 @@ class Lane:
             headers.setRawHeaders(*self._credential_header())
         return headers
 
-    def _credential_header(self) -> tuple[bytes, list[bytes]]:
+    def credential(self) -> str:
+        """The lane's own key; :class:`MissingCredential` when it has none."""
         if self.api_key is None:
             raise MissingCredential(
                 f"lane {self.name!r} has no credentials: "
                 f"environment variable {self.config.auth.env_var} is not set")
-        key = self.api_key.encode("latin-1")
+        return self.api_key
+
+    def _credential_header(self) -> tuple[bytes, list[bytes]]:
+        key = self.credential().encode("latin-1")
         if self.config.auth.kind == "bearer-env":
             return b"authorization", [b"Bearer " + key]
         return b"x-api-key", [key]

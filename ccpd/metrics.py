@@ -81,6 +81,9 @@ class Metrics:
         for log in ("usage", "anomaly"):
             for metric in (self.log_write_errors, self.log_spooled, self.log_dropped):
                 metric.labels(log)
+        self.quota_poll_errors = Counter(
+            "ccp_quota_poll_errors", "Failed polls of a lane's quota endpoint (quota_url).",
+            ["lane"], registry=r)
         self.lane_up = Gauge(
             "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
             ["lane"], registry=r)

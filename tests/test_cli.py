@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ccpd.cli import format_status, human_tokens, main, use_colour
+from tests.support import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures_cli"
 ANSI = "\x1b["
@@ -220,7 +220,7 @@ class FakeDaemon:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
+                                       kwargs={"poll_interval": 0.01}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -238,11 +238,7 @@ def daemon(body):
 
 
 def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_status_end_to_end(daemon, capsys):

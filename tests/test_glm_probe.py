@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 
 import pytest_twisted
@@ -14,6 +13,7 @@ import treq
 from twisted.internet.threads import deferToThread
 
 from ccpd.calibration import PROBE_COLUMNS, parse_probe_results
+from tests.support import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "experiments", "glm-limit-probe.sh")
@@ -29,12 +29,6 @@ def run_probe(*args: str) -> subprocess.CompletedProcess:
 
 async def usage_of(ccpd, model: str) -> dict:
     return json.loads(await (await treq.get(ccpd.url + "/v1/usage")).content())["models"][model]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_committed_results_file_is_an_empty_probe_table():

@@ -1,5 +1,10 @@
 """Persistence end to end: history endpoints, no loss across kill -9, state that survives a
-restart, and ``persist = false``."""
+restart, and ``persist = false``.
+
+The history endpoints run in memory on a Clock (the store then runs its SQL on the calling
+thread, on a real SQLite file); restarts, ``persist = false`` and ``kill -9`` run the real
+adbapi store on loopback and in ``twistd``.
+"""
 from __future__ import annotations
 
 import json
@@ -8,15 +13,17 @@ import signal
 import sqlite3
 import subprocess
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import ccpd_ini
-from tests.test_proxy import MESSAGE, free_port, post
-from tests.test_smoke import TWISTD, wait_healthy
+from ccpd.store.writer import FLUSH_DELAY_S
+from tests.support import (MESSAGE, TWISTD, ccpd_ini, free_port, post, read_jsonl,
+                           wait_healthy)
 
 GLM = {**MESSAGE, "model": "glm-4.6"}
+ROLLUP_INTERVAL_S = 300  # ccpd's default [store] rollup_interval
 
 
 async def get_json(url: str):
@@ -28,36 +35,58 @@ async def wait_ready(ccpd):
     await ccpd.service.getServiceNamed("store-service").ready
 
 
-@pytest_twisted.ensureDeferred
-async def test_samples_and_rollups_endpoints(start_ccpd, fake_upstream):
-    ccpd = await start_ccpd(fake_upstream.url())
-    await wait_ready(ccpd)
-    for tokens in ("10", "20", "30"):
-        await (await post(ccpd.url + "/v1/messages", MESSAGE,
-                          {"x-fake-input-tokens": tokens})).content()
-    store = ccpd.service.getServiceNamed("store-service")
-    await store.writer.drained()
-    code, body = await get_json(ccpd.url + "/v1/usage/samples?since=0&limit=2")
-    assert code == 200 and set(body) == {"models", "ts"}
+def test_samples_and_rollups_endpoints(memory_ccpd):
+    ccpd = memory_ccpd()
+    for tokens, ttft in (("10", 0.1), ("20", 0.2), ("30", 0.3)):
+        sent = ccpd.send_post("/v1/messages", MESSAGE, {
+            "x-fake-input-tokens": tokens, "x-fake-first-byte-ms": str(int(ttft * 1000))})
+        ccpd.advance(ttft)
+        assert ccpd.settle(sent).code == 200
+    ccpd.advance(FLUSH_DELAY_S)  # the store's writer batches for a moment
+    body = ccpd.get("/v1/usage/samples?since=0&limit=2").json()
+    assert set(body) == {"models", "ts"} and body["ts"] == ccpd.clock.seconds()
     rows = body["models"]["claude-sonnet-4-5"]
     assert [r["input_tokens"] for r in rows] == [10, 20]
     assert {"ts", "lane", "op", "input_tokens", "output_tokens", "status", "decision"} <= \
         set(rows[0])
-    await store.roller.tick()
-    code, body = await get_json(ccpd.url + "/v1/usage/rollups?granularity=hour")
+    since = rows[1]["ts"]
+    assert [r["input_tokens"] for r in ccpd.get(
+        f"/v1/usage/samples?since={since}").json()["models"]["claude-sonnet-4-5"]] == [20, 30]
+    assert ccpd.get("/v1/usage/samples?model=nope").json()["models"] == {}
+    assert ccpd.get("/v1/usage/rollups").json()["models"] == {}  # until the roller's tick
+    ccpd.advance(ROLLUP_INTERVAL_S)
+    body = ccpd.get("/v1/usage/rollups?granularity=hour").json()
     [hour] = body["models"]["claude-sonnet-4-5"]
-    assert code == 200 and body["granularity"] == "hour"
+    assert body["granularity"] == "hour"
     assert (hour["count"], hour["in_tokens"], hour["out_tokens"]) == (3, 60, 15)
-    assert hour["p50_ttft"] is not None and hour["out_dirty_tps"] > 0
-    code, body = await get_json(ccpd.url + "/v1/usage/rollups?granularity=day&model=nope")
-    assert code == 200 and body["models"] == {}
-    for query, words in (("samples?limit=0", "limit must be from 1 to 10000"),
-                         ("samples?limit=many", "limit must be an integer"),
-                         ("samples?since=yesterday", "since must be a number"),
-                         ("rollups?granularity=week", "granularity must be hour or day")):
-        code, body = await get_json(f"{ccpd.url}/v1/usage/{query}")
-        assert code == 400 and body["error"]["type"] == "invalid_request_error"
-        assert words in body["error"]["message"]
+    assert hour["p50_ttft"] == 200 and hour["out_dirty_tps"] == 25.0  # 15 tokens in 0.6 s
+    [day] = ccpd.get("/v1/usage/rollups?granularity=day").json()["models"]["claude-sonnet-4-5"]
+    assert (day["count"], day["in_tokens"]) == (3, 60)
+    assert ccpd.get("/v1/usage/rollups?granularity=day&model=nope").json()["models"] == {}
+
+
+@pytest.mark.parametrize("query, words", [
+    ("samples?limit=0", "limit must be from 1 to 10000, not '0'"),
+    ("samples?limit=10001", "limit must be from 1 to 10000"),
+    ("samples?limit=many", "limit must be an integer, not 'many'"),
+    ("samples?limit=2.5", "limit must be an integer"),
+    ("samples?since=yesterday", "since must be a number, not 'yesterday'"),
+    ("samples?since=-1", "since must be >= 0"),
+    ("samples?since=nan", "since must be >= 0"),
+    ("rollups?granularity=week", "granularity must be hour or day, not 'week'"),
+    ("rollups?since=soon", "since must be a number"),
+])
+def test_history_query_parameters_are_checked(memory_ccpd, query, words):
+    ccpd = memory_ccpd()
+    answer = ccpd.get(f"/v1/usage/{query}")
+    assert answer.error() == (400, "invalid_request_error")
+    assert words in answer.json()["error"]["message"]
+
+
+def test_history_query_parameters_may_be_empty(memory_ccpd):
+    ccpd = memory_ccpd()
+    assert ccpd.get("/v1/usage/samples?since=&limit=&model=").code == 200
+    assert ccpd.get("/v1/usage/rollups?granularity=&since=").json()["granularity"] == "hour"
 
 
 @pytest_twisted.ensureDeferred
@@ -141,8 +170,7 @@ async def test_no_request_is_lost_across_kill_9(tmp_path, fake_upstream):
     finally:
         child.send_signal(signal.SIGKILL)
         await deferToThread(child.wait, 15)
-    with open(tmp_path / "logs" / "usage.jsonl", encoding="utf-8") as f:
-        logged = {(r["ts"], r["rid"]) for r in map(json.loads, f)}
+    logged = {(r["ts"], r["rid"]) for r in read_jsonl(tmp_path / "logs" / "usage.jsonl")}
     assert len(logged) == 30
     # whatever the writer managed before the kill, make sure some rows are missing for real
     with sqlite3.connect(db) as connection:

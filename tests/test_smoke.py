@@ -8,30 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest_twisted
 import treq
-from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import ccpd_ini
-from tests.test_proxy import MESSAGE, SECRET, ZAI_SECRET, free_port
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-async def wait_healthy(url: str, child: subprocess.Popen) -> None:
-    for _ in range(300):  # 15 s at most
-        assert child.poll() is None, "twistd exited during start-up"
-        try:
-            response = await treq.get(url + "/healthz", timeout=1)
-            if response.code == 200:
-                return
-        except Exception:  # noqa: BLE001 - not listening yet
-            pass
-        await task.deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError("ccpd did not become healthy")
+# TWISTD and wait_healthy are imported from here by modules written before tests/support.py
+from tests.support import (MESSAGE, SECRET, TWISTD, ZAI_SECRET, ccpd_ini,  # noqa: F401
+                           free_port, read_jsonl, wait_healthy)
 
 
 @pytest_twisted.ensureDeferred
@@ -70,8 +54,7 @@ async def test_twistd_serves_accounts_and_stops_cleanly_without_leaking_keys(
     assert code == -signal.SIGTERM, output.read_text()
 
     logs = tmp_path / "logs"
-    with open(logs / "usage.jsonl", encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f]
+    lines = read_jsonl(logs / "usage.jsonl")
     assert [(r["lane"], r["stream"], r["status"], r["input_tokens"], r["output_tokens"])
             for r in lines] == [("anthropic", True, 200, 21, 6), ("zai", False, 200, 21, 6),
                                 ("anthropic", False, 401, 0, 0)]

@@ -182,6 +182,10 @@ def test_cooldowns_are_saved_and_expire(tmp_path):
 
 # -- writer and roller services -------------------------------------------------------------------
 
+def sample(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
 class FlakyStore:
     """A store whose writes fail ``failures`` times, then land in a real SQLite connection."""
 
@@ -219,8 +223,8 @@ def test_writer_batches_off_the_request_path_and_retries_without_loss(tmp_path):
     assert writer.queue == []
     assert connection.execute("SELECT count(*) FROM usage_sample").fetchone()[0] == \
         BATCH_ROWS + 10
-    assert metrics.store_writes._value.get() == BATCH_ROWS + 10
-    assert metrics.store_write_errors._value.get() == 2
+    assert sample(metrics, "ccp_store_writes_total") == BATCH_ROWS + 10
+    assert sample(metrics, "ccp_store_write_errors_total") == 2
     assert writer.stopService().called
 
 
@@ -239,8 +243,8 @@ def test_roller_ticks_on_its_interval_and_rolls_marked_samples(tmp_path):
     clock.advance(300)
     assert queries.query_rollups(connection.cursor(), "hour", None, 0)["glm-4.6"][-1][
         "count"] == 2
-    assert metrics.rollup_duration._sum.get() > 0
-    assert metrics.store_size._value.get() == 1234
+    assert sample(metrics, "ccp_rollup_duration_seconds_sum") > 0
+    assert sample(metrics, "ccp_store_size_bytes") == 1234
     roller.stopService()
 
 
@@ -252,7 +256,7 @@ def test_a_failing_rollup_tick_does_not_stop_the_roller(tmp_path):
     metrics = Metrics()
     roller = Roller(FlakyStore(connection, failures=1), metrics, 300, 30, clock=clock)
     roller.startService()
-    assert metrics.store_write_errors._value.get() == 1
+    assert sample(metrics, "ccp_store_write_errors_total") == 1
     clock.advance(300)
     assert queries.query_rollups(connection.cursor(), "hour", None, 0)["glm-4.6"][0][
         "count"] == 1

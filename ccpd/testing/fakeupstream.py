@@ -16,6 +16,35 @@ Z.AI's endpoint). What it does is chosen per request by headers:
   headers and ``message_start``, then nothing), ``die-mid-stream`` (two deltas, then the
   connection is cut), ``echo`` (describes the request it got), ``big`` (a 1 MiB JSON answer).
 
+Fault scenarios (``x-fake-scenario``), for the fault suite; each answers a JSON or a streamed
+request alike unless marked (SSE):
+
+- ``stall-before-headers``: the same as ``hang``;
+- ``stall-mid-body``: headers, then half of the JSON body (with the full ``content-length``) or
+  the first five SSE events, then nothing;
+- ``reset-mid-stream``: the same beginning, then a TCP reset (RST) instead of an end;
+- ``overloaded``: Anthropic's 529 ``overloaded_error`` answer, headers and body as the API sends
+  them; ``overloaded-mid-stream`` (SSE): a 200 stream that breaks off with an ``event: error``
+  carrying ``overloaded_error``, as the API does when it is overloaded after the stream began.
+  Setting ``fake.overloaded = True`` answers every Messages request with the 529 (a storm);
+- ``malformed-sse`` / ``non-utf8-sse`` (SSE): a stream with comments, CRLF and bare CR line
+  ends, lines without a colon, events without a name, a broken JSON ``message_delta``, unknown
+  events / invalid UTF-8 in text deltas and in ``message_start``, a character cut between two
+  writes; the usage in the valid ``message_start`` and last ``message_delta`` is the usual one;
+- ``gzip``: the usual answer gzip-compressed with ``content-encoding: gzip`` although ccpd asks
+  for ``identity`` (the bytes are deterministic: ``mtime`` 0);
+- ``huge-stream`` (SSE): ``x-fake-bytes`` (50 MiB) of text deltas, written by a push producer
+  that pauses when the connection's buffer is full, so the fake holds at most one block in
+  memory however slowly the client reads; ``streamed_bytes`` counts what it handed over;
+- ``endless-line`` (SSE): the usual stream with, after its ``ping``, one ``data:`` line of
+  ``x-fake-bytes`` (50 MiB) written the same way: a line no SSE reader should hold whole;
+- ``gate``: the usual answer, held back until ``open_gate()``.
+
+``drop_connections()`` closes the fake's idle server-side connections (so a test can see the
+proxy's pooled sockets go), ``open_connections()`` counts them, ``peak_in_flight`` is the
+largest number of requests served at once, and each recorded request's ``outcome`` says how
+it ended (``finished``, or ``cancelled`` when the client went away first).
+
 Started with ``limit_tokens=N`` (``--limit-tokens N``) it counts the tokens it served and, once
 they reach N, answers every Messages request with a limit (``limit_code``: Z.AI's ``1308`` or
 ``1310``, or ``429`` for Anthropic's ``rate_limit_error``), like a plan that ran out.
@@ -26,12 +55,16 @@ Run it alone with ``python -m ccpd.testing.fakeupstream --port 0 --port-file F``
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.web import resource, server
+from zope.interface import implementer
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -45,6 +78,7 @@ class RecordedRequest:
     query: str
     headers: dict[str, str]
     body: bytes
+    outcome: str = ""  # "finished" or "cancelled" (the client went away) once it is over
 
 
 def _int_header(request, name: str, default: int) -> int:
@@ -98,6 +132,120 @@ def message_json(model: str, usage: dict | None, deltas: int) -> dict:
     return answer
 
 
+# Anthropic's answer when it is overloaded: status 529, these headers, this body.
+OVERLOADED_REQUEST_ID = "req_011CFakeOverloaded0000000"
+OVERLOADED_BODY = json.dumps(
+    {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
+     "request_id": OVERLOADED_REQUEST_ID}, separators=(",", ":")).encode()
+OVERLOADED_HEADERS = {"content-type": "application/json", "x-should-retry": "true",
+                      "request-id": OVERLOADED_REQUEST_ID,
+                      "cache-control": "no-store, no-cache", "x-robots-tag": "none"}
+
+
+def malformed_events(model: str, usage: dict, deltas: int) -> list[bytes]:
+    """A stream a lenient SSE reader survives: the usage is that of ``message_events``."""
+    start, block_start, ping, *text, block_stop, delta, stop = message_events(model, usage, deltas)
+    crlf_block_start = block_start.replace(b"\n", b"\r\n")
+    return [
+        b": keep-alive comment\n\n",
+        start,
+        crlf_block_start,
+        b"event: ping\rdata: {not json at all\r\r",            # bare CR line ends, bad JSON
+        b'data: {"type":"ping"}\n\n',                            # an event without a name
+        b"this line has no colon\nneither: does-this-matter\n\n",
+        b'event: future_event_type\ndata: {"type":"future_event_type","n":1}\n\n',
+        b'event: content_block_delta\ndata: {"type":"content_block_delta",\ndata: "index":0,'
+        b'"delta":{"type":"text_delta","text":"split data lines"}}\n\n',
+        *text,
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":\n\n',
+        b"event:\n\n",                                          # an empty event name, no data
+        block_stop, delta, stop,
+    ]
+
+
+def non_utf8_events(model: str, usage: dict, deltas: int) -> list[bytes]:
+    """A stream with bytes that are not UTF-8 (and one character cut between two writes)."""
+    start, block_start, ping, *text, block_stop, delta, stop = message_events(model, usage, deltas)
+
+    def text_delta(raw: bytes) -> bytes:
+        return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                b'"delta":{"type":"text_delta","text":"' + raw + b'"}}\n\n')
+
+    emoji = text_delta("grin \U0001F600".encode())
+    cut = emoji.index(b"\xf0\x9f") + 2
+    return [
+        start.replace(b'"id":"msg_fake"', b'"id":"msg_\xff\xfe"'),
+        block_start, ping,
+        text_delta(b"caf\xc3"),                                    # truncated sequence
+        text_delta(b"\xff\xfe\x80 latin-1: \xe9t\xe9"),            # not UTF-8 at all
+        text_delta(b"overlong \xc0\xaf and surrogate \xed\xa0\x80"),
+        emoji[:cut], emoji[cut:],                                 # valid, but cut in two writes
+        *text, block_stop, delta, stop,
+    ]
+
+
+_HUGE_TEXT = "x" * 1000
+_HUGE_EVENT = sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": _HUGE_TEXT}})
+HUGE_BLOCK_EVENTS = 60  # one block: 60 text deltas, ~66 KB, written as one piece
+HUGE_BLOCK = _HUGE_EVENT * HUGE_BLOCK_EVENTS
+_LINE_BLOCK = b"x" * 65536  # a piece of one endless line
+
+
+@implementer(IPushProducer)
+class _HugeStream:
+    """Writes ``head``, ``blocks`` times ``block``, then ``tail``, only while the connection
+    takes them: the transport pauses it when its buffer is full, so however slowly the client
+    reads, the fake holds one block, not the stream."""
+
+    def __init__(self, fake, request, head: bytes, blocks: int, tail: bytes,
+                 block: bytes = HUGE_BLOCK):
+        self._fake = fake
+        self._request = request
+        self._head: bytes | None = head
+        self._block = block
+        self._blocks_left = blocks
+        self._tail: bytes | None = tail
+        self._paused = False
+        self._stopped = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while not (self._paused or self._stopped):
+            if self._head is not None:
+                piece, self._head = self._head, None
+            elif self._blocks_left:
+                self._blocks_left -= 1
+                piece = self._block
+            elif self._tail is not None:
+                piece, self._tail = self._tail, None
+            else:
+                self._stopped = True
+                self._request.unregisterProducer()
+                self._request.finish()
+                return
+            self._fake.streamed_bytes += len(piece)
+            self._request.write(piece)  # may call pauseProducing before it returns
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+
+
+def _reset(request) -> None:
+    """Cut the connection with a TCP reset (RST), not an orderly close (FIN): Twisted's
+    ``abortConnection`` closes with ``SO_LINGER`` 0."""
+    transport = request.transport
+    if transport is not None and getattr(transport, "connected", False):
+        transport.abortConnection()
+
+
 class FakeUpstream(resource.Resource):
     isLeaf = True
 
@@ -111,36 +259,69 @@ class FakeUpstream(resource.Resource):
         self.tokens_served = 0
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
+        self.peak_in_flight = 0
         self.cancelled = 0
+        self.overloaded = False  # True: every Messages request gets Anthropic's 529
+        self.streamed_bytes = 0  # bytes written by huge-stream answers
+        self._gated: list = []
+        self._channels = weakref.WeakSet()
         self._port = None
 
     # -- serving -------------------------------------------------------------------------------
 
-    def listen(self, port: int = 0, interface: str = "127.0.0.1"):
+    def listen(self, port: int = 0, interface: str = "127.0.0.1", backlog: int = 1024):
+        """Listen on loopback; the backlog is larger than Twisted's 50 so that a proxy opening
+        hundreds of connections at once is not refused or left waiting for a SYN retry."""
         site = server.Site(self)
         site.log = lambda request: None
         site.noisy = False
-        self._port = self.reactor.listenTCP(port, site, interface=interface)
+        self._port = self.reactor.listenTCP(port, site, backlog=backlog, interface=interface)
         return self._port
 
     def url(self) -> str:
         host = self._port.getHost()
         return f"http://{host.host}:{host.port}"
 
+    def open_connections(self) -> int:
+        """Server-side connections of this fake that are still open."""
+        return sum(1 for channel in list(self._channels) if _connected(channel))
+
+    def drop_connections(self) -> int:
+        """Close every open server-side connection (call it when nothing is in flight: the
+        proxy's idle pooled connections go away with them); returns how many."""
+        dropped = 0
+        for channel in list(self._channels):
+            if _connected(channel):
+                channel.transport.loseConnection()
+                dropped += 1
+        return dropped
+
+    def open_gate(self) -> int:
+        """Answer every request held by the ``gate`` scenario; returns how many."""
+        gated, self._gated = self._gated, []
+        for answer in gated:
+            answer()
+        return len(gated)
+
     # -- requests ------------------------------------------------------------------------------
 
     def render(self, request):
         path = request.path.decode("latin-1")
         body = request.content.read()
+        recorded = None
         if self.record:
-            self.requests.append(RecordedRequest(
+            recorded = RecordedRequest(
                 method=request.method.decode(), path=path,
                 query=request.uri.decode("latin-1").partition("?")[2],
                 headers=_headers(request),
-                body=body))
+                body=body)
+            self.requests.append(recorded)
+        self._channels.add(request.channel)
         self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         finished = request.notifyFinish()
-        finished.addCallbacks(self._done, self._gone)
+        finished.addCallbacks(self._done, self._gone, callbackArgs=(recorded,),
+                              errbackArgs=(recorded,))
         timers: list = []
         finished.addBoth(lambda _: [t.cancel() for t in timers if t.active()])
         delay = _int_header(request, "x-fake-first-byte-ms", 0) / 1000.0
@@ -150,15 +331,26 @@ class FakeUpstream(resource.Resource):
             self._answer(request, path, body, timers)
         return server.NOT_DONE_YET
 
-    def _done(self, _):
+    def _done(self, _, recorded: RecordedRequest | None):
         self.in_flight -= 1
+        if recorded is not None:
+            recorded.outcome = "finished"
 
-    def _gone(self, _):
+    def _gone(self, _, recorded: RecordedRequest | None):
         self.in_flight -= 1
         self.cancelled += 1
+        if recorded is not None:
+            recorded.outcome = "cancelled"
 
-    def _answer(self, request, path: str, body: bytes, timers: list) -> None:
-        scenario = request.getHeader("x-fake-scenario") or ""
+    def _answer(self, request, path: str, body: bytes, timers: list,
+                 scenario: str | None = None) -> None:
+        if request.finished or request._disconnected:
+            return None
+        if scenario is None:
+            scenario = request.getHeader("x-fake-scenario") or ""
+        if scenario == "gate":
+            self._gated.append(lambda: self._answer(request, path, body, timers, ""))
+            return None
         method = request.method
         if scenario == "echo":
             return self._json(request, 200, {
@@ -166,7 +358,7 @@ class FakeUpstream(resource.Resource):
                 "query": request.uri.decode("latin-1").partition("?")[2],
                 "headers": _headers(request),
                 "body_len": len(body)})
-        if scenario == "hang":
+        if scenario in ("hang", "stall-before-headers"):
             return None
         if method == b"GET" and path.endswith("/v1/models"):
             return self._json(request, 200, {"data": [
@@ -183,6 +375,8 @@ class FakeUpstream(resource.Resource):
             scenario = "rate-limit" if self.limit_code == "429" else f"zai-{self.limit_code}"
         if scenario in ("zai-1308", "zai-1310"):
             return self._zai_limit(request, scenario)
+        if scenario == "overloaded" or self.overloaded:
+            return self._overloaded(request)
         status = 429 if scenario == "rate-limit" else _int_header(request, "x-fake-status", 200)
         if status >= 400:
             error_type = request.getHeader("x-fake-error-type") or _ERROR_TYPES.get(
@@ -209,6 +403,16 @@ class FakeUpstream(resource.Resource):
             answer = message_json(model, usage, deltas)
             answer["content"][0]["text"] = "x" * (1 << 20)
             return self._json(request, 200, answer)
+        if scenario == "gzip":
+            return self._gzip(request, model, usage, deltas, bool(asked.get("stream")))
+        if scenario in ("stall-mid-body", "reset-mid-stream") and not asked.get("stream"):
+            data = json.dumps(message_json(model, usage, deltas), separators=(",", ":")).encode()
+            request.setHeader("content-type", "application/json")
+            request.setHeader("content-length", str(len(data)))
+            request.write(data[:len(data) // 2])
+            if scenario == "reset-mid-stream":
+                timers.append(self.reactor.callLater(0.05, _reset, request))
+            return None
         if scenario == "usage-headers":
             request.setHeader("x-usage-input-tokens", str(input_tokens))
             request.setHeader("x-usage-output-tokens", str(deltas))
@@ -226,6 +430,39 @@ class FakeUpstream(resource.Resource):
                 request.write(event)
             request.transport.loseConnection()  # cut before the terminating chunk
             return None
+        if scenario in ("stall-mid-body", "reset-mid-stream"):
+            for event in events[:3 + 2]:
+                request.write(event)
+            if scenario == "reset-mid-stream":
+                # later, so that the events are on the wire before the reset discards the buffer
+                timers.append(self.reactor.callLater(0.05, _reset, request))
+            return None
+        if scenario == "overloaded-mid-stream":
+            for event in events[:3]:
+                request.write(event)
+            request.write(b"event: error\ndata: " + OVERLOADED_BODY + b"\n\n")
+            request.finish()
+            return None
+        if scenario == "malformed-sse":
+            events = malformed_events(model, usage, deltas)
+        elif scenario == "non-utf8-sse":
+            events = non_utf8_events(model, usage, deltas)
+        elif scenario == "huge-stream":
+            total = _int_header(request, "x-fake-bytes", 50 * 1024 * 1024)
+            blocks = max(1, -(-total // len(HUGE_BLOCK)))
+            head = b"".join(events[:3])
+            tail = b"".join(events[3 + deltas:]).replace(
+                b'"output_tokens":%d}' % deltas,
+                b'"output_tokens":%d}' % (blocks * HUGE_BLOCK_EVENTS))
+            _HugeStream(self, request, head, blocks, tail).start()
+            return None
+        elif scenario == "endless-line":
+            total = _int_header(request, "x-fake-bytes", 50 * 1024 * 1024)
+            head = b"".join(events[:3]) + b'event: content_block_delta\ndata: {"x":"'
+            tail = b'"}\n\n' + b"".join(events[3:])
+            _HugeStream(self, request, head, max(1, -(-total // len(_LINE_BLOCK))), tail,
+                        _LINE_BLOCK).start()
+            return None
         self._stream(request, iter(events),
                      _int_header(request, "x-fake-interval-ms", 0) / 1000.0, timers)
         return None
@@ -239,6 +476,32 @@ class FakeUpstream(resource.Resource):
                 timers.append(self.reactor.callLater(interval, self._stream, request, events,
                                                      interval, timers))
                 return
+        request.finish()
+
+    def _overloaded(self, request) -> None:
+        request.setResponseCode(529)
+        for name, value in OVERLOADED_HEADERS.items():
+            request.setHeader(name, value)
+        request.setHeader("content-length", str(len(OVERLOADED_BODY)))
+        request.write(OVERLOADED_BODY)
+        request.finish()
+
+    def _gzip(self, request, model: str, usage: dict, deltas: int, stream: bool) -> None:
+        request.setHeader("content-encoding", "gzip")
+        if not stream:
+            data = gzip.compress(json.dumps(message_json(model, usage, deltas),
+                                            separators=(",", ":")).encode(), mtime=0)
+            request.setHeader("content-type", "application/json")
+            request.setHeader("content-length", str(len(data)))
+            request.write(data)
+            request.finish()
+            return
+        data = gzip.compress(b"".join(message_events(model, usage, deltas)), mtime=0)
+        request.setHeader("content-type", "text/event-stream")
+        request.setHeader("cache-control", "no-cache")
+        third = max(1, len(data) // 3)
+        for start in range(0, len(data), third):
+            request.write(data[start:start + third])
         request.finish()
 
     def _zai_limit(self, request, scenario: str) -> None:
@@ -260,6 +523,11 @@ class FakeUpstream(resource.Resource):
         request.setHeader("content-length", str(len(data)))
         request.write(data)
         request.finish()
+
+
+def _connected(channel) -> bool:
+    transport = getattr(channel, "transport", None)
+    return transport is not None and bool(getattr(transport, "connected", False))
 
 
 def main(argv=None) -> int:
