@@ -622,10 +622,6 @@ def test_non_utf8_urls_get_an_anthropic_shaped_400(request):
     check_request(CLEAN, request)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: with the client token in both x-api-key and 'Authorization: Bearer', the guard "
-    "removes only the header it matched first (x-api-key); the Authorization header with the "
-    "client token goes on to a passthrough lane (ccpd/web/guard.py Guard._take_token)"))
 @EXPLICIT
 @example(request=own_request(credentials=[(b"x-api-key", TOKEN.encode()),
                                           (b"authorization", b"Bearer " + TOKEN.encode())]))

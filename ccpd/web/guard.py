@@ -112,17 +112,18 @@ class Guard(Resource):
                                                "https://" + host.decode("latin-1").lower())
 
     def _take_token(self, request) -> bool:
-        """Whether the request carries a client token; the header that carried it is removed,
-        so that it never reaches a lane."""
+        """Whether the request carries a client token; the headers that carried it are
+        removed, so that it never reaches a lane."""
         headers = request.requestHeaders
         candidates = [(b"x-api-key", value) for value in headers.getRawHeaders(b"x-api-key", [])]
         for value in headers.getRawHeaders(b"authorization", []):
             scheme, _, credential = value.partition(b" ")
             if scheme.lower() == b"bearer":
                 candidates.append((b"authorization", credential.strip()))
-        for name, credential in candidates:
-            # Compared with every token, each in constant time: no early exit to time.
-            if any([hmac.compare_digest(credential, token) for token in self._tokens]):
-                headers.removeHeader(name)
-                return True
-        return False
+        # Compared with every token, each in constant time: no early exit to time. Every
+        # header that carries a token is removed, not only the first.
+        carrying = {name for name, credential in candidates
+                    if any([hmac.compare_digest(credential, token) for token in self._tokens])}
+        for name in carrying:
+            headers.removeHeader(name)
+        return bool(carrying)
