@@ -101,7 +101,7 @@ class Lane:
         """Send one request on this lane's pool; fires with the response once its headers are
         in (the body is read by whoever receives it). Cancelling it abandons the request."""
         return self.agent.request(method, self.url(path_and_query), headers,
-                                  None if body is None else _BytesProducer(body))
+                                  None if body is None else BytesProducer(body))
 
     def upstream_headers(self, client_headers: Headers) -> Headers:
         """The headers to send upstream: end-to-end client headers plus this lane's credentials.
@@ -209,7 +209,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 
 
 @implementer(IBodyProducer)
-class _BytesProducer:
+class BytesProducer:
     """A request body already in memory, written in one go (with its content-length)."""
 
     def __init__(self, body: bytes):

@@ -34,12 +34,13 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
 from zope.interface import implementer
 
 from ccpd import tap
 from ccpd.config import config_from_string
+from ccpd.lanes import BytesProducer
 from ccpd.store import service as store_service
 from ccpd.store.schema import migrate
 from ccpd.store.sqlite import MEMORY, SQLiteStore
@@ -289,31 +290,8 @@ class _MemoryEndpoint:
         return self._network.connect(self._host, self._port, factory)
 
 
-@implementer(IBodyProducer)
-class _BodyBytes:
-    """A request body written at once (treq's default producer cooperates with the global
-    reactor)."""
-
-    def __init__(self, body: bytes):
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-def _body_bytes(data) -> _BodyBytes:
-    return _BodyBytes(data.encode("utf-8") if isinstance(data, str) else data)
+def _body_bytes(data) -> BytesProducer:
+    return BytesProducer(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 @dataclass

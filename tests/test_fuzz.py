@@ -35,11 +35,10 @@ from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from ccpd.config import Config, ConfigError, config_from_string, load_config
+from ccpd.lanes import BytesProducer
 from ccpd.quotas import ModelQuota, QuotaError, load_quotas, parse_quotas
 from ccpd.store import service as store_service
 from ccpd.tap import build_service
@@ -144,28 +143,6 @@ def memory_ccpd(config: FuzzConfig):
             network.flush()
 
 
-@implementer(IBodyProducer)
-class _Body:
-    """A request body written at once (no cooperator on the global reactor)."""
-
-    def __init__(self, body: bytes):
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 class _Collect(Protocol):
     def __init__(self, done: defer.Deferred):
         self.done = done
@@ -208,7 +185,7 @@ def exchange(ccpd: FuzzedCcpd, method: bytes, target: bytes, headers: list[tuple
 
     async def whole():
         response = await ccpd.agent.request(method, f"http://127.0.0.1:{PORT}".encode() + target,
-                                            raw, None if body is None else _Body(body))
+                                            raw, None if body is None else BytesProducer(body))
         done: defer.Deferred = defer.Deferred()
         response.deliverBody(_Collect(done))
         return Answer(response.code, response.headers, await done)

@@ -18,9 +18,9 @@ from twisted.web.http import PotentialDataLoss
 
 from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
 from ccpd.policy import BLOCKED, Decision, limit_window
-from ccpd.web.errors import error_response, sse_error_event
 from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
                         usage_from_headers, usage_from_json)
+from ccpd.web.errors import error_response, sse_error_event
 
 log = Logger()
 
