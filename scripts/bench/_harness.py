@@ -89,7 +89,9 @@ def _wait_for(check, what: str, timeout: float = 20.0, proc=None):
 def _healthy(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            # ccpd answers only to a Host that names it, port included (421 otherwise)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
+                      % port)
             return s.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
