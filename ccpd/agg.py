@@ -56,6 +56,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from ccpd import jsonparse
 from ccpd.store.queries import (
     DAY, SAMPLE_COLUMNS, insert_samples, query_rollups, roll_span, sample_row_of)
 from ccpd.store.schema import migrate
@@ -157,7 +158,7 @@ def read_jsonl(path: Path, warn) -> list[tuple]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = jsonparse.loads(line)
         except ValueError:
             record = None
         row = _row_or_none(record)
@@ -168,7 +169,7 @@ def read_jsonl(path: Path, warn) -> list[tuple]:
             first_skipped = first_skipped or number
     if torn.strip():
         try:
-            record = json.loads(torn)
+            record = jsonparse.loads(torn)
         except ValueError:
             record = None  # a crash mid-write: skipped silently
         row = _row_or_none(record)

@@ -27,6 +27,8 @@ import time
 import urllib.error
 import urllib.request
 
+from ccpd import jsonparse
+
 DEFAULT_URL = "http://127.0.0.1:8787"
 URL_ENV = "CCP_URL"
 TIMEOUT_S = 5.0
@@ -352,7 +354,7 @@ def resolve_url(arg: str | None, environ=None) -> str:
 def _error_message(raw: bytes) -> str | None:
     """``error.message`` of an Anthropic-shaped error body, if it is one."""
     try:
-        doc = json.loads(raw.decode("utf-8", "replace"))
+        doc = jsonparse.loads(raw.decode("utf-8", "replace"))
     except ValueError:
         text = raw.decode("utf-8", "replace").strip()
         return text[:200] or None
@@ -387,7 +389,7 @@ def fetch_json(url: str, path: str, timeout: float = TIMEOUT_S):
     except ValueError as e:  # malformed URL: "unknown url type", bad port, ...
         raise CliError(f"ccp: cannot use daemon URL {url!r}: {e}")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return jsonparse.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         snippet = raw[:80].decode("utf-8", "replace").strip()
         raise CliError(f"ccp: {target} did not answer JSON (got {snippet!r}); is {url} a ccpd?")

@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import time
 
+from ccpd import jsonparse
 from ccpd.cli import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
 from ccpd.store import queries, schema
 
@@ -359,7 +360,7 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
             counts["lines"] += 1
             if raw.strip():
                 try:
-                    record = json.loads(raw)
+                    record = jsonparse.loads(raw)
                 except ValueError:  # a torn last line, or not JSON at all
                     record = None
                 row = queries.sample_row_of(record)

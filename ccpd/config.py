@@ -506,6 +506,13 @@ def config_from_string(text: str, source: str = "<string>",
     parser = _make_parser()
     try:
         parser.read_string(text, source=source)
+    except configparser.ParsingError as e:
+        # configparser quotes the offending line; it may hold a secret, so name its number only.
+        numbers = [number for number, _line in getattr(e, "errors", ())] or [e.lineno]
+        lines = ", ".join(map(str, numbers))
+        kind = ("a key before any [section]" if isinstance(e, configparser.MissingSectionHeaderError)
+                else "not a [section] header nor 'key = value'")
+        raise ConfigError(f"{source}: line {lines}: {kind} (line not shown)") from None
     except configparser.Error as e:
         raise ConfigError(f"{source}: {e.message.strip()}") from None
     reader = _Reader(source, parser, os.environ if environ is None else environ)
@@ -554,4 +561,6 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return config_from_string(text, source=path, environ=environ)

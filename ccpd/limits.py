@@ -16,12 +16,13 @@ Classes of limit answers, and what each means for ccpd (docs/QUOTAS.md has the a
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from email.utils import parsedate_to_datetime
 from typing import Mapping
+
+from ccpd import jsonparse
 
 WINDOW_EXHAUSTED = "window_exhausted"
 BURST = "burst"
@@ -81,7 +82,7 @@ NOT_A_LIMIT = LimitAnswer(None)
 def _error_of(body: bytes) -> tuple[str | None, str | None, str | None]:
     """``(error type, business code, message)`` of an error body in either provider's shape."""
     try:
-        answer = json.loads(body)
+        answer = jsonparse.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None, None, None
     error = answer.get("error") if isinstance(answer, dict) else None

@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                      600)
 REFUSAL_REASONS = ("host", "origin", "client_token", "headers_too_large", "header_timeout",
-                   "overloaded")
+                   "overloaded", "body_too_large", "bad_target")
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 
@@ -66,7 +66,7 @@ class Metrics:
         self.refused = Counter(
             "ccp_requests_refused", "Requests and connections ccpd refused before serving them, "
             "by reason: host, origin, client_token, headers_too_large, header_timeout, "
-            "overloaded.", ["reason"], registry=r)
+            "overloaded, body_too_large, bad_target.", ["reason"], registry=r)
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason)
         self.log_write_errors = Counter(

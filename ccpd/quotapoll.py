@@ -8,13 +8,13 @@ answer is logged and counted, never stops the poller and never reaches a client.
 """
 from __future__ import annotations
 
-import json
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from ccpd import jsonparse
 from ccpd.evidence import ProviderEvidence, Reading
 from ccpd.lanes import MissingCredential, describe_failure
 from ccpd.limits import FIVE_HOUR, WEEKLY
@@ -34,7 +34,7 @@ class QuotaAnswerError(ValueError):
 def parse_zai_quota(body: bytes, lane: str, now: float) -> list[Reading]:
     """The window readings in one answer of Z.AI's quota endpoint."""
     try:
-        answer = json.loads(body)
+        answer = jsonparse.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise QuotaAnswerError(f"not JSON: {e}") from None
     limits = answer.get("data", {}).get("limits") if isinstance(answer, dict) and isinstance(

@@ -12,6 +12,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from ccpd import jsonparse
+
 WEEK_SECONDS = 7 * 24 * 3600
 _ROLLING_BUCKET_S = 60
 _WEEKLY_BUCKET_S = 3600
@@ -76,7 +78,7 @@ def parse_quotas(text: str, source: str) -> Quotas:
 
     ``{"models": {...}, "lanes": {...}}``: ``lanes`` (plan limits, same keys) is optional."""
     try:
-        document = json.loads(text)
+        document = jsonparse.loads(text)
     except ValueError as e:
         raise QuotaError(f"{source}: not valid JSON: {e}") from None
     if not isinstance(document, dict) or not isinstance(document.get("models"), dict):
@@ -127,6 +129,8 @@ def load_quotas(path: str) -> Quotas:
             text = f.read()
     except OSError as e:
         raise QuotaError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise QuotaError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse_quotas(text, path)
 
 

@@ -7,9 +7,10 @@ Anthropic reports usage in the JSON body (``usage``) or, for streams, in
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, fields
+
+from ccpd import jsonparse
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                  "cache_read_input_tokens")
@@ -73,7 +74,7 @@ def usage_from_json(body: bytes) -> tuple[TokenUsage, str | None, str | None, st
     if not body.strip():
         return TokenUsage(), None, None, None
     try:
-        answer = json.loads(body)
+        answer = jsonparse.loads(body)
     except ValueError as e:
         return TokenUsage(), None, None, f"answer is not JSON: {e}"
     if not isinstance(answer, dict):
@@ -120,51 +121,85 @@ class SSEEvent:
     event: str
     data: str
     id: str | None = None
+    truncated: bool = False  # a line of it was longer than MAX_SSE_LINE and was not kept
 
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+MAX_SSE_LINE = 1 << 20  # usage events are a few hundred bytes; text passes through unread
 
 
 class SSEParser:
     """Incremental parser of a ``text/event-stream`` per the WHATWG rules.
 
     Bytes may arrive cut anywhere, even between ``\\r`` and ``\\n``; the events are the same.
+    An unfinished line is kept as a list of pieces (joined once, when it ends), and a line
+    longer than :data:`MAX_SSE_LINE` is dropped as it arrives: memory and CPU stay linear
+    whatever an upstream sends. The event it belonged to is marked ``truncated``.
     """
 
     def __init__(self):
-        self._pending = b""
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._overlong = False  # the unfinished line is past MAX_SSE_LINE: dropping it
         self._skip_lf = False
         self._started = False
         self._event = ""
         self._data: list[bytes] = []
         self._id: str | None = None
+        self._truncated = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False
-        buf = self._pending + chunk if self._pending else chunk
         if not self._started:
-            if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
-                self._pending = buf
+            chunk = b"".join(self._pending) + chunk
+            self._pending, self._pending_size = [], 0
+            if len(chunk) < 3 and b"\xef\xbb\xbf".startswith(chunk):
+                self._keep(chunk)
                 return []
             self._started = True
-            if buf.startswith(b"\xef\xbb\xbf"):
-                buf = buf[3:]
-        if b"\r" in buf:
-            lines = _EOL.split(buf)
-            self._skip_lf = buf.endswith(b"\r")
+            if chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+        if b"\r" in chunk:
+            lines = _EOL.split(chunk)
+            self._skip_lf = chunk.endswith(b"\r")
+        elif b"\n" in chunk:
+            lines = chunk.split(b"\n")
         else:
-            lines = buf.split(b"\n")
-        self._pending = lines.pop()
+            self._keep(chunk)
+            return []
+        rest = lines.pop()
+        if lines and (self._pending or self._overlong):
+            lines[0] = self._take_pending(lines[0])
         events = []
         for line in lines:
             event = self._line(line)
             if event is not None:
                 events.append(event)
+        self._keep(rest)
         return events
 
-    def _line(self, line: bytes) -> SSEEvent | None:
+    def _keep(self, piece: bytes) -> None:
+        """Add ``piece`` to the unfinished line (dropping the line once it is too long)."""
+        if self._overlong or not piece:
+            return
+        self._pending.append(piece)
+        self._pending_size += len(piece)
+        if self._pending_size > MAX_SSE_LINE:
+            self._pending, self._pending_size, self._overlong = [], 0, True
+
+    def _take_pending(self, end: bytes) -> bytes | None:
+        """The unfinished line completed by ``end``; None when it was too long to keep."""
+        self._pending.append(end)
+        line = None if self._overlong else b"".join(self._pending)
+        self._pending, self._pending_size, self._overlong = [], 0, False
+        return line
+
+    def _line(self, line: bytes | None) -> SSEEvent | None:
+        if line is None or len(line) > MAX_SSE_LINE:
+            self._truncated = True
+            return None
         if not line:
             return self._dispatch()
         if line[:1] == b":":
@@ -182,10 +217,12 @@ class SSEParser:
 
     def _dispatch(self) -> SSEEvent | None:
         event_type, self._event = self._event, ""
-        if not self._data:
+        truncated, self._truncated = self._truncated, False
+        if not self._data and not truncated:
             return None
         data, self._data = b"\n".join(self._data), []
-        return SSEEvent(event_type or "message", data.decode("utf-8", "replace"), self._id)
+        return SSEEvent(event_type or "message", data.decode("utf-8", "replace"), self._id,
+                        truncated)
 
 
 _ACCOUNTED_EVENTS = frozenset({"message_start", "message_delta", "error"})
@@ -205,6 +242,7 @@ class StreamAccountant:
         self.error_type: str | None = None
         self.first_delta_seen = False
         self.events = 0
+        self.started = False  # a readable message_start went by
         self.anomaly: str | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -214,13 +252,16 @@ class StreamAccountant:
             if kind == "content_block_delta":
                 self.first_delta_seen = True
             elif kind in _ACCOUNTED_EVENTS:
-                self._account(kind, event.data)
+                if event.truncated:
+                    self.anomaly = f"{kind} event has a line over {MAX_SSE_LINE} bytes: not read"
+                else:
+                    self._account(kind, event.data)
             elif kind == "message" and '"type"' in event.data:
                 self._account(None, event.data)
 
     def _account(self, kind: str | None, data: str) -> None:
         try:
-            payload = json.loads(data)
+            payload = jsonparse.loads(data)
         except ValueError as e:
             if kind is not None:
                 self.anomaly = f"{kind} event is not JSON: {e}"
@@ -232,6 +273,7 @@ class StreamAccountant:
         if kind == "message_start":
             message = payload.get("message")
             if isinstance(message, dict):
+                self.started = True
                 model = message.get("model")
                 if isinstance(model, str) and model:
                     self.served_model = model

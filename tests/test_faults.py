@@ -682,12 +682,6 @@ async def test_gzip_body_passes_through_untouched(shared, stream):
            accounted_tokens=line["input_tokens"] + line["output_tokens"], anomalies=anomalies)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ccpd bug: SSEParser.feed (ccpd/usage.py) keeps an unfinished line in self._pending and "
-    "rebuilds it (self._pending + chunk) for every chunk, so one long SSE line is held whole "
-    "in memory and costs CPU quadratic in its length (through ccpd, a 4 MB line takes 0.4 s, "
-    "8 MB 1.3 s and +40 MB peak RSS, 16 MB 5 s and +80 MB, 32 MB 18 s and +128 MB; the same "
-    "bytes as ordinary events pass at ~140 MB/s)"))
 @pytest_twisted.ensureDeferred
 async def test_one_endless_sse_line_is_not_held_in_memory(make_fake, spawn_ccpd):
     """An upstream sends an 8 MB ``data:`` line (no line end) in the middle of a stream. The
@@ -720,11 +714,6 @@ async def test_one_endless_sse_line_is_not_held_in_memory(make_fake, spawn_ccpd)
     assert peak_growth < line_bytes / MiB, f"ccpd's peak RSS grew by {peak_growth} MB"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ccpd bug: StreamAccountant (ccpd/usage.py) reports an anomaly only for an accounted "
-    "event that is not JSON; a 200 stream in which no event can be read at all (here gzip, "
-    "against accept-encoding: identity) gets a usage line with 0 tokens and no anomaly line, "
-    "so nothing tells the operator why its usage is missing"))
 @pytest_twisted.ensureDeferred
 async def test_stream_whose_usage_cannot_be_read_is_reported(shared):
     model = "gzip-sse-unreadable"
@@ -1041,21 +1030,27 @@ async def test_request_smuggling_shapes_get_400_and_nothing_is_forwarded(shared,
                                            "ms": ms(took)}})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ccpd bug (through twisted.web.http's chunked decoder, which parses the size as an "
-    "unbounded int): a chunk size of 2**80 is taken at its word and ccpd waits for that many "
-    "bytes: no 400, and the connection stays open (header_timeout_s ends with the headers)"))
 @pytest_twisted.ensureDeferred
-async def test_chunk_size_overflowing_64_bits_gets_400(shared):
+@pytest.mark.parametrize("size", [b"1" + b"0" * 20, b"%x" % (64 * 1024 + 1)],
+                         ids=["2**80", "over-max_body_bytes"])
+async def test_chunk_larger_than_the_body_limit_gets_413_at_once(shared, size):
+    """A chunk-size past [server] max_body_bytes (64 KiB in this config) is refused as soon as
+    its size line is in, without waiting for bytes ccpd would not keep."""
     fake, ccpd = shared.fake, shared.ccpd
     upstream_before = len(fake.requests)
     body = json.dumps(message("chunk-overflow")).encode()
     payload = _raw(ccpd.port, "Transfer-Encoding: chunked\r\n",
-                   b"1" + b"0" * 20 + b"\r\n" + body)
+                   size + b"\r\n" + body)
+    started = time.monotonic()
     client = await connect(ccpd.port, RawClient(payload, timeout=1.5))
     data = await client.closed
+    took = client.arrivals[0] - started if client.arrivals else None
     assert len(fake.requests) == upstream_before
-    assert data.startswith(b"HTTP/1.1 400 "), f"after 1.5 s: {data!r}"
+    [answer] = parse_responses(data)
+    assert answer.status == 413, f"after 1.5 s: {data!r}"
+    assert json.loads(answer.body)["error"]["type"] == "request_too_large"
+    record("chunk_over_body_limit", **{size.decode(): {
+        "status": answer.status, "upstream_requests": 0, "answered_ms": ms(took)}})
 
 
 @pytest_twisted.ensureDeferred

@@ -8,9 +8,8 @@ or the quotas file, ccpd starts or stops with one clean error that names the pla
 The oracles here are deliberately simpler than ccpd's rules (a Host that names neither
 loopback nor an allowed host is foreign; a request that carries no client token lacks one),
 so they can be wrong only in the safe direction: they leave some cases undecided, never
-decide one against the rules. Inputs that hit a bug reported in the issue are kept as explicit
-examples on the ``xfail(strict=True)`` tests at the end of each part; when a bug is fixed,
-its test passes, fails as strict, and its filter in the general property goes too.
+decide one against the rules. Inputs that once hit a bug are kept as explicit examples on
+the tests at the end of each part (the fuzzer found each of them).
 """
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ MAX_BODY = 65536                 # [server] max_body_bytes of the test config
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                        HealthCheck.data_too_large])
-# The xfail tests run their @example inputs only (the strategy in @given is never drawn).
+# The regression tests run their @example inputs only (the strategy in @given is never drawn).
 EXPLICIT = settings(phases=[Phase.explicit], deadline=None)
 
 
@@ -444,22 +443,6 @@ def path_info(target: bytes) -> bytes:
     return unquote_to_bytes(target.split(b"?", 1)[0])
 
 
-def known_bug(request: FuzzRequest) -> str | None:
-    """The reported bug (see the xfail tests below) that ``request`` runs into, if any."""
-    if request.body_kind.startswith("nested:") and int(request.body_kind[7:]) >= 900:
-        return "deep JSON"
-    path = path_info(request.target)
-    if b"//" in path[1:]:
-        return "merged slashes"
-    try:
-        path.decode("utf-8")
-        if _garbage_host_kind(request.host) != "foreign":  # one the guard may let through
-            request.host.decode("utf-8")
-    except UnicodeDecodeError:
-        return "non-UTF-8 URL"
-    return None
-
-
 def upstream_host(sent: bytes) -> bytes | None:
     """The Host of a request ccpd sent upstream (None when it sent nothing yet)."""
     head = sent.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
@@ -538,7 +521,6 @@ def check_request(config: FuzzConfig, request: FuzzRequest) -> Outcome:
 @given(config=configs, data=st.data())
 def test_every_request_is_answered_or_forwarded_and_refusals_never_reach_a_lane(config, data):
     request = data.draw(requests(config))
-    assume(known_bug(request) is None)
     outcome = check_request(config, request)
     event("forwarded" if outcome.upstream else f"answered {outcome.answer.code}")
 
@@ -556,10 +538,6 @@ def own_request(method=b"POST", target=b"/v1/messages", body_kind="messages", bo
                        list(credentials))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a JSON body nested ~1000 deep makes json.loads raise RecursionError, which is not "
-    "a ValueError: ccpd answers 500 api_error and logs a traceback instead of a 400 "
-    "invalid_request_error (ccpd/web/proxy.py _serve; also _sim_request in ccpd/web/app.py)"))
 @EXPLICIT
 @example(request=own_request(body_kind="nested:5000", body=_nested((5000, False))))
 @example(request=own_request(target=b"/v1/messages/count_tokens", body_kind="nested:1000",
@@ -571,11 +549,6 @@ def test_deeply_nested_json_bodies_get_a_400(request):
     check_request(CLEAN, request)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a path that names a route once its doubled slashes are merged (POST /v1//messages, "
-    "GET /v1//usage, or with %2F: /v1/%2Fmessages) makes werkzeug raise RequestRedirect "
-    "(merge_slashes), which the catch-all handle_errors(Exception) in ccpd/web/app.py turns "
-    "into a 500 api_error with a logged traceback"))
 @EXPLICIT
 @example(request=own_request(target=b"/v1//messages"))
 @example(request=own_request(method=b"GET", target=b"/v1//usage", body=b""))
@@ -585,10 +558,6 @@ def test_paths_with_empty_segments_get_no_500(request):
     check_request(CLEAN, request)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a path that is not UTF-8 once percent-decoded (GET /v1/%FF), or a non-UTF-8 Host "
-    "the guard accepts (\\xe9.localhost:8787), gets Klein's own plain-text 400 'Non-UTF-8 "
-    "encoding in URL.' (not Anthropic's error shape) and Klein logs a traceback with log.err"))
 @EXPLICIT
 @example(request=own_request(method=b"GET", target=b"/v1/%FF", body=b""))
 @example(request=own_request(target=b"/%C3%28"))
@@ -845,10 +814,14 @@ request_targets = st.one_of(
                      b"http://127.0.0.1:%d/v1/messages" % PORT]))
 
 
-def check_target(target: bytes) -> None:
+def post_target(target: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
     body = json.dumps({"model": "claude-x", "max_tokens": 1, "messages": []}).encode()
-    written, upstream = raw_to_ccpd(CLEAN, b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d"
-                                    b"\r\nContent-Length: %d\r\n\r\n" % (PORT, len(body)) + body)
+    return raw_to_ccpd(CLEAN, b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:%d"
+                       b"\r\nContent-Length: %d\r\n\r\n" % (PORT, len(body)) + body)
+
+
+def check_target(target: bytes) -> None:
+    written, upstream = post_target(target)
     assert bool(written) != bool(upstream)
     if written:
         assert _STATUS_LINE.match(written) and not written.startswith(b"HTTP/1.1 500 ")
@@ -857,39 +830,28 @@ def check_target(target: bytes) -> None:
         assert upstream_host(sent) == LANE_HOST, sent
 
 
-def target_bug(target: bytes) -> str | None:
-    """The reported bug a raw request-target runs into, if any."""
-    if not target.startswith((b"/", b"http://")) and target != b"*":
-        return "not origin-form"
-    path = path_info(target)
-    if b"//" in path[1:]:
-        return "merged slashes"
-    try:
-        path.decode("utf-8")
-    except UnicodeDecodeError:
-        return "non-UTF-8 URL"
-    return None
-
-
 @settings(FUZZ, max_examples=100)
 @given(target=request_targets)
 def test_upstream_requests_go_only_to_the_lanes_address(target):
-    assume(target_bug(target) is None)
     check_target(target)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a request-target that is not origin-form (POST x/v1/messages) is routed as "
-    "/v1/messages (Twisted drops its first byte when it splits the path) and appended as-is "
-    "to the lane's base URL (Lane.url: base + uri): 'http://upstream.invalid' + "
-    "'x/v1/messages' sends the request, with the lane's credentials, to the host "
-    "upstream.invalidx; ccpd should answer 400 to a target that does not start with /"))
 @EXPLICIT
 @example(target=b"x/v1/messages")
 @example(target=b"0/v1/models")
 @given(target=request_targets)
 def test_a_target_that_is_not_origin_form_never_changes_the_lanes_address(target):
     check_target(target)
+
+
+@pytest.mark.parametrize("target", [b"x/v1/messages", b"http://127.0.0.1:%d/v1/messages" % PORT,
+                                    b"/v1/%FF"])
+def test_a_target_that_is_not_a_utf8_path_gets_an_anthropic_shaped_400(target):
+    written, upstream = post_target(target)
+    assert upstream == []
+    head, _, body = written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), written
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
 # == 3. config parsing =============================================================================
@@ -1031,10 +993,6 @@ def test_a_config_file_of_any_text_starts_or_stops_cleanly(tmp_path_factory, dat
         assert str(e).startswith(str(path)), e
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: load_config opens the file as UTF-8 and catches only OSError: a config file that "
-    "is not UTF-8 raises UnicodeDecodeError (twistd prints a traceback) instead of a "
-    "ConfigError naming the file (ccpd/config.py load_config)"))
 @EXPLICIT
 @example(data=b"[server]\nadmin_token = caf\xe9\n")
 @example(data=b"\xff\xfe[\x00s\x00")
@@ -1046,10 +1004,6 @@ def test_a_config_file_that_is_not_utf8_is_a_clean_error(tmp_path_factory, data)
         load_config(str(path), environ={})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a client_tokens line written with ':' (configparser's other usual delimiter, not "
-    "accepted by ccpd) is a parsing error whose message quotes the whole line, secret included "
-    "(ccpd/config.py config_from_string passes configparser's message on as it is)"))
 @EXPLICIT
 @example(ini=FuzzIni(f"[server]\nclient_tokens: {_TOKEN_MARK}0123456789abcdef\n", False,
                      ["server"], [f"{_TOKEN_MARK}0123456789abcdef"], {}))
@@ -1121,9 +1075,6 @@ def test_a_quotas_file_of_any_text_loads_or_is_refused_naming_it(tmp_path_factor
         assert str(e).startswith(f"{path}: "), e
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: parse_quotas catches ValueError only; JSON nested ~1000 deep raises RecursionError "
-    "out of it (a /v1/quotas/reload then answers 500, twistd start-up prints a traceback)"))
 @EXPLICIT
 @example(text='{"models": ' + "[" * 5000 + "]" * 5000 + "}")
 @given(text=st.text())
@@ -1131,10 +1082,6 @@ def test_deeply_nested_quotas_are_refused(text):
     check_quotas(text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: load_quotas opens the file as UTF-8 and catches only OSError: a quotas file that is "
-    "not UTF-8 raises UnicodeDecodeError instead of a QuotaError naming the file "
-    "(ccpd/quotas.py load_quotas)"))
 @EXPLICIT
 @example(data=b'{"models": {"caf\xe9": {}}}')
 @given(data=st.binary())

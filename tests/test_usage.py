@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccpd.testing.fakeupstream import message_events
-from ccpd.usage import (SSEEvent, SSEParser, StreamAccountant, TokenUsage, UsageRecord,
-                        merge_header_usage, usage_from_headers, usage_from_json)
+from ccpd.usage import (MAX_SSE_LINE, SSEEvent, SSEParser, StreamAccountant, TokenUsage,
+                        UsageRecord, merge_header_usage, usage_from_headers, usage_from_json)
 
 USAGE = {"input_tokens": 11, "cache_creation_input_tokens": 25, "cache_read_input_tokens": 300}
 STREAM = b"".join(message_events("claude-sonnet-4-5", USAGE, 9))
@@ -47,6 +47,32 @@ def test_an_unfinished_event_is_not_dispatched():
 
 def test_crlf_cut_between_cr_and_lf_is_one_line_end():
     assert parse_all([b"data: a\r", b"\n\r", b"\n"]) == [SSEEvent("message", "a")]
+
+
+def test_a_line_too_long_to_keep_is_dropped_and_its_event_marked():
+    """A 3 MiB line arriving in 4 KiB pieces (the way a socket delivers it): the parser holds
+    at most MAX_SSE_LINE of it, marks the event, and reads the events after it as usual."""
+    parser = SSEParser()
+    line = b"data: " + b"x" * (3 * MAX_SSE_LINE)
+    events = parser.feed(b"event: content_block_delta\n")
+    for start in range(0, len(line), 4096):
+        events += parser.feed(line[start:start + 4096])
+        assert sum(map(len, parser._pending)) <= MAX_SSE_LINE + 4096
+    events += parser.feed(b"\n\ndata: after\n\n")
+    assert events == [SSEEvent("content_block_delta", "", None, truncated=True),
+                      SSEEvent("message", "after")]
+
+
+def test_a_line_just_under_the_limit_is_kept_whole():
+    line = b"data: " + b"y" * (MAX_SSE_LINE - 6)
+    assert parse_all([line[:1000], line[1000:], b"\n\n"]) == [
+        SSEEvent("message", "y" * (MAX_SSE_LINE - 6))]
+
+
+def test_an_accounted_event_too_long_to_read_is_an_anomaly():
+    accountant = StreamAccountant()
+    accountant.feed(b"event: message_delta\ndata: {" + b" " * MAX_SSE_LINE + b"}\n\n")
+    assert accountant.anomaly == f"message_delta event has a line over {MAX_SSE_LINE} bytes: not read"
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,7 +12,9 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
+from ccpd import jsonparse
 from ccpd.quotas import QuotaError
 from ccpd.store import queries
 from ccpd.usage import TokenUsage
@@ -58,7 +60,7 @@ _SIM_TOKENS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
 def _sim_request(body: bytes) -> dict:
     """The checked body of ``POST /v1/usage/sim``; ValueError says what is wrong."""
     try:
-        sim = json.loads(body)
+        sim = jsonparse.loads(body)
     except ValueError as e:
         raise ValueError(f"body is not valid JSON: {e}") from None
     if not isinstance(sim, dict) or not isinstance(sim.get("model"), str) or not sim["model"]:
@@ -223,7 +225,7 @@ class CcpdApp:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    @app.handle_errors(NotFound)
+    @app.handle_errors(NotFound, RequestRedirect)  # RequestRedirect: "/v1//usage"
     def not_found(self, request, failure):
         return error_response(request, 404, "not_found_error",
                               f"ccpd has no route for {request.path.decode('latin-1')}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.resource import Resource
 
@@ -83,6 +84,20 @@ class Guard(Resource):
             raise ApiError(401, "authentication_error",
                            "ccpd needs a client token: send it as x-api-key or "
                            "'Authorization: Bearer <token>'")
+        # Only origin-form targets: Twisted routes "x/v1/messages" as "/v1/messages", and a
+        # lane's URL is its base + the target, so any other form could change the lane's host.
+        if not request.uri.startswith(b"/"):
+            self._count("bad_target")
+            raise ApiError(400, "invalid_request_error",
+                           "the request-target must be a path starting with /")
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+            if host is not None:
+                host.decode("utf-8")
+        except UnicodeDecodeError:
+            self._count("bad_target")
+            raise ApiError(400, "invalid_request_error",
+                           "the URL is not UTF-8 once percent-decoded") from None
 
     def _count(self, reason: str) -> None:
         self._refused.labels(reason).inc()

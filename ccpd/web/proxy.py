@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from ccpd import jsonparse
 from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
 from ccpd.policy import BLOCKED, Decision, limit_window
 from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
@@ -101,7 +102,7 @@ def _with_model(body: bytes, payload: dict | None, model: str) -> bytes:
 
 def _error_message(body: bytes) -> str | None:
     try:
-        error = json.loads(body).get("error")
+        error = jsonparse.loads(body).get("error")
     except (ValueError, AttributeError):
         return None
     message = error.get("message") if isinstance(error, dict) else None
@@ -212,7 +213,7 @@ class Proxy:
         payload = None
         if op != "passthrough":
             try:
-                payload = json.loads(body)
+                payload = jsonparse.loads(body)
                 if not isinstance(payload, dict):
                     raise ValueError("the body must be a JSON object")
             except ValueError as e:
@@ -344,6 +345,7 @@ class Proxy:
         chunks: list[bytes] = []
         relay = _Relay(chunks.append, self.clock, lane.config.idle_timeout_s)
         response.deliverBody(relay)
+        broken = False
         try:
             await relay.done
         except defer.CancelledError:
@@ -400,6 +402,7 @@ class Proxy:
         if producing:
             # Backpressure: a slow client pauses the upstream read instead of filling memory.
             request.registerProducer(relay.transport, True)
+        broken = False
         try:
             await relay.done
         except defer.CancelledError:
@@ -413,6 +416,7 @@ class Proxy:
                 if relay.timed_out else
                 ("api_error", f"lane {lane.name!r} broke off the response: "
                               f"{describe_failure(e)}"))
+            broken = True
             exchange.err_type = error_type
             exchange.anomaly("upstream_broken", message, status=response.code)
             if not request.startedWriting:
@@ -429,10 +433,11 @@ class Proxy:
             if producing and request.channel is not None:
                 request.unregisterProducer()
 
-        self._account_body(response, exchange, accountant, kept)
+        self._account_body(response, exchange, accountant, kept, ended=not broken)
         return None
 
-    def _account_body(self, response, exchange, accountant, kept) -> None:
+    def _account_body(self, response, exchange, accountant, kept, ended=False) -> None:
+        """Usage, served model and error of the relayed body; ``ended``: it came whole."""
         header_usage = usage_from_headers(
             {name.decode("latin-1").lower(): values[-1].decode("latin-1")
              for name, values in response.headers.getAllRawHeaders()
@@ -440,6 +445,10 @@ class Proxy:
         if accountant is not None:
             usage, served, error_type, anomaly = (accountant.usage, accountant.served_model,
                                                   accountant.error_type, accountant.anomaly)
+            if (ended and not anomaly and not accountant.started and not error_type
+                    and exchange.op == "messages"):
+                anomaly = (f"no readable message_start in the stream ({accountant.events} "
+                           f"events): its usage is unknown")
         elif kept is not None:
             usage, served, error_type, anomaly = usage_from_json(b"".join(kept))
         else:

@@ -23,7 +23,7 @@ class CcpdRequest(server.Request):
     """A request that stops storing its body once it is larger than the site allows."""
 
     body_too_large = False
-    _body_size = 0
+    body_size = 0  # bytes of the body received so far
     # No "text/html" stamped on bodies that came without a content type: we pass them through.
     defaultContentType = None
 
@@ -37,8 +37,8 @@ class CcpdRequest(server.Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data):
-        self._body_size += len(data)
-        if self._body_size > self._limit():
+        self.body_size += len(data)
+        if self.body_size > self._limit():
             self.body_too_large = True
         if not self.body_too_large:
             super().handleContentChunk(data)
@@ -85,6 +85,19 @@ class CcpdChannel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line):
         self._refuse_headers()
+
+    def rawDataReceived(self, data):
+        super().rawDataReceived(data)
+        # A chunk is read as it arrives, so a chunk-size past the body limit (up to any number
+        # of hex digits: 2**80 parses) would keep the connection waiting for bytes that ccpd
+        # will not keep anyway. Refused as soon as its size line is in.
+        decoder = self._transferDecoder
+        if (not self._refused and isinstance(decoder, http._ChunkedTransferDecoder)
+                and decoder.state == "BODY" and self.requests
+                and self.requests[-1].body_size + decoder.length > self.site.max_body_bytes):
+            self.site.count_refusal("body_too_large")
+            self._refuse(_raw_answer(413, b"Request Entity Too Large", "request_too_large",
+                                     f"request body exceeds {self.site.max_body_bytes} bytes"))
 
     def allHeadersReceived(self):
         self._stop_header_clock()
