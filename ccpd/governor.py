@@ -1,62 +1,110 @@
-"""Quota governance for the proxy: the quota engine, the reroute policy and calibration bound to
-the clock, the metrics and the daemon log, and the calibration sampler service.
+"""Quota governance: where each request goes, from the best evidence there is.
 
-The proxy asks :meth:`Governor.decide` before sending a Messages request, tells it about limit
-answers (:meth:`Governor.after_limit`) and about every finished exchange
-(:meth:`Governor.account`); the usage endpoints read :meth:`Governor.usage_view`.
+Evidence about a lane, most precise first: what the provider itself says (the utilisation it
+reports on every answer, its limit answers, its quota endpoint: :mod:`ccpd.evidence`), then
+ccpd's own token counts held against the limits of ``quotas.json`` — per lane (the plan) and
+per model (the user's budgets); the tighter decides. The proxy asks :meth:`Governor.decide`
+before sending, hands it every answer's headers (:meth:`Governor.observe_answer`), the
+classified limit answers (:meth:`Governor.after_limit`) and every finished exchange
+(:meth:`Governor.account`). The JSON views of this state are in :mod:`ccpd.web.views`.
 """
 from __future__ import annotations
 
 import math
-import os
+from dataclasses import dataclass
 
-from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
-from ccpd.calibration import Calibration, read_probe_results
+from ccpd.calibration import Calibration
 from ccpd.config import Config, Route
+from ccpd.evidence import QUOTA_WINDOW, ProviderEvidence, Reading
+from ccpd.limits import ACCOUNT, BURST, OVERLOADED, WINDOW_EXHAUSTED, LimitAnswer, read_utilization
 from ccpd.metrics import Metrics
-from ccpd.policy import PREFERRED, Decision, Policy, limit_window, observed_reset
-from ccpd.quotas import ModelQuota, QuotaEngine, QuotaState, load_quotas
+from ccpd.policy import BLOCKED, PREFERRED, REROUTED_LIMIT, Decision, Policy
+from ccpd.quotas import ModelQuota, QuotaEngine, QuotaState, Quotas, load_quotas
 
 log = Logger()
 
+UNIFIED_STATUS = b"anthropic-ratelimit-unified-status"
+_UNIFIED_PREFIX = b"anthropic-ratelimit-unified-"
+_SAVE_READING_EVERY_S = 60.0   # a window's reading is written to the store at most this often
+_LEARN_EVERY_S = 60.0          # and learned from at most this often
+_STATES = ("ok", "warn", "block")
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A lane's standing for one model at one moment: the worst of every piece of evidence.
+
+    ``source`` says which evidence decided: ``provider`` (a fresh provider reading), ``plan``
+    (ccpd's count against the lane's limit), ``model`` (against the model's limit), or
+    ``none`` (nothing limits it)."""
+
+    state: str
+    source: str
+    reason: str
+    predicted_need: int
+
+    @property
+    def blocked(self) -> bool:
+        return self.state == "block"
+
 
 class Governor:
-    def __init__(self, config: Config, quotas: dict[str, ModelQuota], metrics: Metrics, clock):
+    def __init__(self, config: Config, quotas: Quotas | dict, metrics: Metrics, clock,
+                 keep=None):
+        """``keep``, when given, keeps state across restarts: ``save_cooldown(model, until)``
+        and ``save_reading(reading)`` (the store; :meth:`restore` reads it back)."""
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        self.keep = keep
         self.quota_file = config.quotas_file
-        self.engine = QuotaEngine(quotas)
+        self.engine = QuotaEngine(quotas)                        # per model
+        self.plans = QuotaEngine(getattr(quotas, "lanes", {}))   # per lane: the plan
+        self.evidence = ProviderEvidence()
         self.policy = Policy(config.routing.reroute_mode, config.routing.cooldown_sec)
         self.calibration = Calibration()
         self.quotas_loaded_at = clock.seconds()
-        self._probe_mtime: float | None = None
-        self.on_cooldown = None  # called with (model, until) when a cooldown starts
+        self.max_age = config.routing.provider_max_age
+        self.block_at = config.routing.block_at
+        self._saved_at: dict[tuple[str, str], float] = {}
+        self._learned_at: dict[tuple[str, str], float] = {}
 
-    def restore(self, cooldowns: dict[str, float], usage_rows) -> None:
-        """Resume after a restart: the cooldowns still running and the quota windows rebuilt
-        from stored samples ``(model, ts, input, output, cache_creation, cache_read, seconds)``."""
+    def restore(self, cooldowns: dict[str, float], usage_rows, readings=()) -> None:
+        """Resume after a restart: the cooldowns still running, the provider readings, and
+        the quota windows rebuilt from stored samples ``(model, ts, input, output,
+        cache_creation, cache_read, seconds, lane)``."""
         self.policy.cooldowns.update(cooldowns)
-        for model, ts, input_tokens, output_tokens, creation, read, seconds in usage_rows:
-            self.engine.record(model, ts, input_tokens=input_tokens, output_tokens=output_tokens,
-                               cache_creation_input_tokens=creation,
-                               cache_read_input_tokens=read, seconds=seconds)
-        self._update_gauges(self.clock.seconds())
-        if cooldowns or usage_rows:
-            log.info("restored {rows} stored samples into the quota windows and {cooldowns} "
-                     "cooldowns", rows=len(usage_rows), cooldowns=len(cooldowns))
+        self.evidence.restore(readings)
+        for model, ts, input_tokens, output_tokens, creation, read, seconds, lane in usage_rows:
+            tokens = dict(input_tokens=input_tokens, output_tokens=output_tokens,
+                          cache_creation_input_tokens=creation, cache_read_input_tokens=read)
+            self.engine.record(model, ts, seconds=seconds, **tokens)
+            if lane:
+                self.plans.record(lane, ts, seconds=seconds, **tokens)
+        now = self.clock.seconds()
+        self._update_gauges(now)
+        for reading in self.evidence.readings.values():
+            self._reading_gauges(reading)
+        if cooldowns or usage_rows or readings:
+            log.info("restored {rows} stored samples into the quota windows, {cooldowns} "
+                     "cooldowns and {readings} provider readings", rows=len(usage_rows),
+                     cooldowns=len(cooldowns), readings=len(readings))
 
     # -- quotas ----------------------------------------------------------------------------------
 
-    def reload(self) -> dict[str, ModelQuota]:
-        """Re-read the quotas file; on any error (:class:`QuotaError`) the old quotas stay."""
+    def reload(self) -> Quotas:
+        """Re-read the quotas file; on any error (:class:`QuotaError`) the old quotas stay.
+        A reload also gives every lane marked unusable another chance."""
         quotas = load_quotas(self.quota_file)
         self.engine.set_quotas(quotas)
+        self.plans.set_quotas(quotas.lanes)
         self.quotas_loaded_at = self.clock.seconds()
-        log.info("quotas reloaded from {path}: {count} models", path=self.quota_file,
-                 count=len(quotas))
+        for lane in list(self.evidence.unusable):
+            self._mark_usable(lane, "quotas reloaded")
+        log.info("quotas reloaded from {path}: {count} models, {lanes} lanes",
+                 path=self.quota_file, count=len(quotas), lanes=len(quotas.lanes))
         self._update_gauges(self.clock.seconds())
         return quotas
 
@@ -66,108 +114,277 @@ class Governor:
     def _standing(self, model: str, now: float):
         """``(state, auto warn)`` of ``model``: its quota state judged by the calibrated warn
         threshold, and that calibration (None without a quota)."""
-        warn = self._auto_warn(model)
+        warn = self.auto_warn(model)
         return self.engine.state(model, now, warn.warn_pct_auto if warn else None), warn
 
-    def _auto_warn(self, model: str):
+    def auto_warn(self, model: str):
         quota = self.engine.quotas.get(model)
         if quota is None:
             return None
         return self.calibration.auto_warn(model, quota.warn_pct, quota.rolling_window_hours * 3600)
 
-    @staticmethod
-    def _calibrated_headroom(state: QuotaState, warn) -> int | None:
-        """Tokens left before the provider's (calibrated) limit, the lower of both windows."""
-        multiplier = warn.limit_multiplier if warn else 1.0
-        rooms = [max(0, math.floor(w.limit_tokens * multiplier) - w.used_tokens)
-                 for w in state.windows if w.limit_tokens is not None]
-        return min(rooms) if rooms else None
+    def warn_fraction(self, lane: str, model: str) -> float:
+        """The utilisation at which ``lane`` warns: the lane's (plan) warn_pct, else the
+        model's (auto-calibrated), else the default."""
+        if lane in self.plans.quotas:
+            return self.plans.quotas[lane].warn_pct
+        warn = self.auto_warn(model)
+        return warn.warn_pct_auto if warn else ModelQuota.warn_pct
 
-    # -- policy ----------------------------------------------------------------------------------
+    # -- evidence --------------------------------------------------------------------------------
 
-    def _secondary_state(self, route: Route, now: float) -> QuotaState | None:
+    def provider_readings(self, lane: str, now: float) -> dict[str, Reading]:
+        """The fresh provider readings of ``lane``, by provider window: younger than
+        ``provider_max_age``, or a window the provider said is used up until a reset still
+        ahead (its word holds until then, however old)."""
+        return {reading.window: reading for reading in self.evidence.lane_readings(lane, now)
+                if reading.age(now) <= self.max_age
+                or (reading.status == "rejected" and reading.reset_at is not None)}
+
+    def provider_state(self, lane: str, model: str, now: float) -> tuple[str, str, set[str]]:
+        """``(state, reason, ccpd windows covered)`` from the fresh provider readings."""
+        warn = self.warn_fraction(lane, model)
+        state, reason, covered = "ok", "", set()
+        for window, reading in sorted(self.provider_readings(lane, now).items()):
+            if window in QUOTA_WINDOW:
+                covered.add(QUOTA_WINDOW[window])
+            if reading.utilization is None and reading.status != "rejected":
+                continue
+            util = reading.utilization or 0.0
+            if reading.status == "rejected" or util >= self.block_at:
+                here = "block"
+            elif util >= warn:
+                here = "warn"
+            else:
+                continue
+            if _STATES.index(here) > _STATES.index(state):
+                state = here
+                reason = (f"provider reports {window} of lane {lane} "
+                          f"{'rejected' if reading.status == 'rejected' else f'at {util:.0%}'}")
+        return state, reason, covered
+
+    def standing(self, lane: str, model: str, now: float) -> Standing:
+        """Every piece of evidence about ``model`` on ``lane``; the worst state decides. A
+        fresh provider reading of a window stands in for ccpd's count of the lane's plan
+        limit of that window (the provider counts traffic ccpd never sees); the model's
+        limits are the user's budgets and always count."""
+        model_state, _warn = self._standing(model, now)
+        candidates = [(model_state.state, "model", f"quota of {model}: {model_state.state}")]
+        provider, provider_reason, covered = self.provider_state(lane, model, now)
+        if provider != "ok":
+            candidates.append((provider, "provider", provider_reason))
+        if lane in self.plans.quotas:
+            plan = self.plans.state(lane, now)
+            for window in plan.windows:
+                here = plan.window_state(window)
+                if window.name not in covered and here != "ok":
+                    candidates.append((here, "plan", f"{window.name} plan limit of lane {lane}"
+                                                     f": {here}"))
+        state, source, reason = max(candidates, key=lambda c: _STATES.index(c[0]))
+        if state == "ok":
+            source = "none" if len(candidates) == 1 and model_state.quota is None else source
+            reason = ""
+        return Standing(state, source, reason, model_state.predicted_need)
+
+    def observe_answer(self, lane: str, status: int, headers) -> None:
+        """Every answer of every lane: keep the utilisation the provider reports (Twisted
+        ``Headers``; answers without unified headers cost one lookup), and a success makes
+        a lane marked unusable usable again."""
+        if status < 400 and lane in self.evidence.unusable:
+            self._mark_usable(lane, f"it answered {status}")
+        if not headers.hasHeader(UNIFIED_STATUS):
+            return
+        unified = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+                   for name, values in headers.getAllRawHeaders()
+                   if name.lower().startswith(_UNIFIED_PREFIX)}
+        utilization = read_utilization(unified)
+        if utilization is not None:
+            self.observe_readings(self.evidence.observe(lane, utilization, self.clock.seconds()))
+
+    def observe_readings(self, readings: list[Reading]) -> None:
+        """New provider readings (from answers or a quota poll): gauges, the store, and a
+        learned-limit sample for the windows ccpd counts too."""
+        for reading in readings:
+            key = (reading.lane, reading.window)
+            self._reading_gauges(reading)
+            if self.keep is not None and reading.observed_at - self._saved_at.get(
+                    key, -math.inf) >= _SAVE_READING_EVERY_S:
+                self._saved_at[key] = reading.observed_at
+                self.keep.save_reading(reading)
+            ours = QUOTA_WINDOW.get(reading.window)
+            if ours and reading.observed_at - self._learned_at.get(key, -math.inf) \
+                    >= _LEARN_EVERY_S and reading.lane in self.plans.models:
+                self._learned_at[key] = reading.observed_at
+                counted = self.plans.state(reading.lane, reading.observed_at)
+                used = counted.rolling if ours == "rolling" else counted.weekly
+                self.evidence.learn(reading.lane, reading.window, used.used_tokens,
+                                    reading.utilization)
+
+    def _reading_gauges(self, reading: Reading) -> None:
+        if reading.utilization is not None:
+            self.metrics.provider_utilization.labels(reading.lane, reading.window).set(
+                reading.utilization)
+        if reading.reset_at is not None:
+            self.metrics.provider_reset.labels(reading.lane, reading.window).set(
+                reading.reset_at)
+
+    def _mark_usable(self, lane: str, why: str) -> None:
+        if self.evidence.mark_usable(lane):
+            self.metrics.lane_unusable.labels(lane).set(0)
+            log.info("lane {lane} is usable again: {why}", lane=lane, why=why)
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def _governed(self, route: Route) -> bool:
+        """Whether anything could keep a request of ``route`` from its preferred lane."""
+        return (route.secondary_lane is not None or route.model in self.engine.quotas
+                or route.lane in self.plans.quotas or bool(self.evidence.readings))
+
+    def _secondary_standing(self, route: Route, now: float) -> Standing | None:
         if not route.secondary_lane:
             return None
-        return self.state(route.secondary_model or route.model, now)
+        return self.standing(route.secondary_lane, route.secondary_model or route.model, now)
 
     def decide(self, route: Route) -> Decision:
-        if route.secondary_lane is None and route.model not in self.engine.quotas:
-            return Decision(route.lane, route.model, PREFERRED)  # no quota, nowhere to go
+        if not self._governed(route):
+            return Decision(route.lane, route.model, PREFERRED)  # nothing limits it
         now = self.clock.seconds()
-        state, warn = self._standing(route.model, now)
-        decision = self.policy.decide(route, state, self._secondary_state(route, now), now,
-                                      self._calibrated_headroom(state, warn))
-        if decision.decision == PREFERRED and state.state != "ok":
-            self.metrics.preferred_attempt.labels(route.model, route.lane).inc()
-        if decision.decision != PREFERRED or decision.reason or state.state != "ok":
-            self._log_decision(route, decision, state, now)
+        unusable = self.evidence.unusable.get(route.lane)
+        if unusable and route.secondary_lane and \
+                route.secondary_lane not in self.evidence.unusable:
+            decision = self.policy.reroute(route, self._secondary_standing(route, now),
+                                           REROUTED_LIMIT, f"account: lane {route.lane} cannot "
+                                                           f"serve ({unusable})")
+        else:
+            standing = self.standing(route.lane, route.model, now)
+            state, warn = self._standing(route.model, now)
+            headroom = self._headroom(route.lane, route.model, state, warn, now)
+            decision = self.policy.decide(route, standing, self._secondary_standing(route, now),
+                                          now, headroom)
+            if decision.decision == PREFERRED and standing.state != "ok":
+                self.metrics.preferred_attempt.labels(route.model, route.lane).inc()
+        if decision.decision != PREFERRED or decision.reason:
+            self._log_decision(route, decision, now)
         if decision.rerouted:
             self.metrics.rerouted.labels(route.model, self.policy.mode).inc()
         return decision
 
-    def after_limit(self, route: Route, lane, status: int, error_type: str | None,
-                    headers: dict[str, str], message: str | None,
+    def _headroom(self, lane: str, model: str, state: QuotaState, warn, now: float) -> int | None:
+        """Tokens left before the first limit: the model's (calibrated) limits, and the
+        provider's figure times the limit it implies, when both are known."""
+        multiplier = warn.limit_multiplier if warn else 1.0
+        rooms = [max(0, math.floor(w.limit_tokens * multiplier) - w.used_tokens)
+                 for w in state.windows if w.limit_tokens is not None]
+        for window, reading in self.provider_readings(lane, now).items():
+            learned = self.evidence.learned_limit(lane, window)
+            if learned is not None and reading.utilization is not None:
+                rooms.append(max(0, math.floor((self.block_at - reading.utilization)
+                                               * learned.tokens)))
+        return min(rooms) if rooms else None
+
+    def after_limit(self, route: Route, lane: str, answer: LimitAnswer,
                     wasted_seconds: float) -> Decision | None:
-        """The preferred lane answered with a limit: feed calibration, start the cooldown, and
-        return the reroute to make (None: no lane left, the answer goes to the client)."""
+        """The preferred ``lane`` answered with a limit before any byte reached the client.
+        Each class has its own action (docs/QUOTAS.md); returns the reroute to make, or None
+        when the answer goes to the client."""
         now = self.clock.seconds()
-        window = limit_window(status, error_type) or "rolling"
-        state = self.state(route.model, now)
-        current = state.rolling if window == "rolling" else state.weekly
-        reset = observed_reset(headers, message, now, lane.config.reset_tzinfo)
-        self.calibration.observe_limit(
-            route.model, window, now, current.reset_eta_sec, reset,
-            None if not current.limit_tokens else current.used_tokens / current.limit_tokens)
+        self.metrics.limit_answers.labels(lane, answer.kind).inc()
         self.metrics.wasted_retry.labels(route.model).inc(max(0.0, wasted_seconds))
-        decision = self.policy.after_limit(route, self._secondary_state(route, now), now, window)
-        until = self.policy.cooldowns.get(route.model)
-        if self.on_cooldown is not None and until is not None and until > now:
-            self.on_cooldown(route.model, until)
+        if answer.kind == OVERLOADED:
+            return None  # the provider's trouble, not the plan's: the client retries
+        until = None
+        if answer.kind == ACCOUNT:
+            if self.evidence.mark_unusable(lane, answer.label + (f" {answer.code}"
+                                                                 if answer.code else "")):
+                self.metrics.lane_unusable.labels(lane).set(1)
+                log.warn("lane {lane} cannot serve until it answers again or quotas are "
+                         "reloaded: {label} ({message})", lane=lane, label=answer.label,
+                         message=answer.message or answer.code)
+        elif answer.kind == WINDOW_EXHAUSTED:
+            until = self._window_exhausted(route, lane, answer, now)
+        reason = f"preferred lane answered {answer.label}"
+        if answer.reset_at is not None and answer.kind != ACCOUNT:
+            reason += f" (lifts in {max(0, answer.reset_at - now):.0f}s, {answer.reset_source})"
+        decision = self.policy.after_limit(route, self._secondary_standing(route, now), now,
+                                           reason, until)
+        if until is not None and self.keep is not None and \
+                self.policy.cooldowns.get(route.model) == until:
+            self.keep.save_cooldown(route.model, until)
         self._log_decision(route, decision or Decision(route.lane, route.model, PREFERRED,
-                                                       f"{window} limit answer; no lane left"),
-                           state, now)
+                                                       f"{reason}; no lane left"), now)
         if decision is not None:
             self.metrics.rerouted.labels(route.model, self.policy.mode).inc()
         return decision
+
+    def _window_exhausted(self, route: Route, lane: str, answer: LimitAnswer,
+                          now: float) -> float | None:
+        """A plan window is used up: one calibration sample, the provider's word kept as a
+        reading (the lane is blocked until the reset), and the cooldown's end."""
+        window = answer.quota_window or "rolling"
+        state = self.state(route.model, now)
+        current = state.rolling if window == "rolling" else state.weekly
+        self.calibration.observe_limit(
+            route.model, window, now, current.reset_eta_sec, answer.reset_at,
+            None if not current.limit_tokens else current.used_tokens / current.limit_tokens)
+        if answer.window and answer.reset_at is not None and answer.reset_at > now:
+            self.observe_readings([self.evidence.put(Reading(
+                lane, answer.window, 1.0, answer.reset_at, "rejected", now, "limit"))])
+        if answer.reset_at is not None and answer.reset_at > now:
+            return answer.reset_at
+        return now + self.policy.cooldown_sec if self.policy.cooldown_sec > 0 else None
 
     def retry_after(self, route: Route) -> int:
         """Whole seconds until some lane of ``route`` has room for a typical request (the
         preferred lane also not before its cooldown ends)."""
         now = self.clock.seconds()
 
-        def wait_for(model: str) -> float:
+        def wait_for(lane: str, model: str) -> float:
             need = max(self.engine.state(model, now).predicted_need, 1)
-            return self.engine.seconds_until_room(model, need, now)
+            waits = [self.engine.seconds_until_room(model, need, now)]
+            waits += [reading.reset_at - now for reading in self.provider_readings(lane, now)
+                      .values() if reading.reset_at is not None and (
+                          reading.status == "rejected" or (reading.utilization or 0)
+                          >= self.block_at)]
+            return max(waits)
 
         until = self.policy.cooldown_until(route.model, now)
-        waits = [max(wait_for(route.model), until - now if until else 0.0)]
+        waits = [max(wait_for(route.lane, route.model), until - now if until else 0.0)]
         if route.secondary_lane:
-            waits.append(wait_for(route.secondary_model or route.model))
+            waits.append(wait_for(route.secondary_lane, route.secondary_model or route.model))
         return max(1, math.ceil(min(waits)))
 
-    def _log_decision(self, route: Route, decision: Decision, state: QuotaState,
-                      now: float) -> None:
+    def _log_decision(self, route: Route, decision: Decision, now: float) -> None:
         until = decision.cooldown_next_ts
+        standing = self.standing(route.lane, route.model, now)
+        headroom = self.state(route.model, now).headroom_pct
         log.info("reroute_policy {model}: {reroute_decision} -> {lane}/{served_model} "
                  "[quota {quota_state}, headroom {headroom_pct}%]{reason_text}",
-                 decision="reroute_policy", mode=self.policy.mode, quota_state=state.state,
-                 model=route.model, reroute_decision=decision.decision, lane=decision.lane,
+                 decision="reroute_policy", mode=self.policy.mode, quota_state=standing.state,
+                 evidence=standing.source, model=route.model,
+                 reroute_decision=decision.decision, lane=decision.lane,
                  served_model=decision.model, attempt=decision.attempt,
                  reason=decision.reason,
                  reason_text=f" ({decision.reason})" if decision.reason else "",
-                 headroom_pct=state.headroom_pct,
+                 headroom_pct=headroom,
                  cooldown_remaining_sec=max(0.0, round(until - now, 1)) if until else 0.0)
 
-    def usage_fields(self, model: str, decision: Decision | None) -> dict:
+    def usage_fields(self, model: str, lane: str, decision: Decision | None) -> dict:
         """The policy and quota fields of a usage line, after the request was accounted."""
         fields = {}
+        now = self.clock.seconds()
         if model in self.engine.quotas:
-            state = self.state(model, self.clock.seconds())
+            state = self.state(model, now)
             fields = {"quota_headroom_pct": state.headroom_pct,
                       "headroom_pct_rolling": state.rolling.headroom_pct,
                       "headroom_pct_weekly": state.weekly.headroom_pct,
                       "quota_warn_threshold": state.warn_pct, "warn_pct_auto": state.warn_pct,
                       **self.calibration.gap_stats(model, "rolling")}
+        if self.evidence.readings and lane:
+            readings = self.provider_readings(lane, now)
+            for window, field in (("five_hour", "provider_utilization_5h"),
+                                  ("seven_day", "provider_utilization_7d")):
+                if window in readings:
+                    fields[field] = readings[window].utilization
         if decision is not None:
             fields.update(reroute_decision=decision.decision, decision_reason=decision.reason,
                           reroute_attempt=decision.attempt,
@@ -178,139 +395,45 @@ class Governor:
 
     # -- accounting ------------------------------------------------------------------------------
 
-    def account(self, model: str, usage, *, seconds: float, stream_seconds: float,
+    def account(self, model: str, lane: str, usage, *, seconds: float, stream_seconds: float,
                 ttft_seconds: float | None) -> None:
-        """Count a finished request's tokens against ``model`` (the model the lane served)."""
+        """Count a finished request's tokens against ``model`` (the model the lane was asked
+        for) and against ``lane``'s plan."""
         now = self.clock.seconds()
-        self.engine.record(model, now, input_tokens=usage.input_tokens,
-                           output_tokens=usage.output_tokens,
-                           cache_creation_input_tokens=usage.cache_creation_input_tokens,
-                           cache_read_input_tokens=usage.cache_read_input_tokens,
-                           seconds=seconds, stream_seconds=stream_seconds,
-                           ttft_seconds=ttft_seconds)
-        if model in self.engine.quotas:
-            self._update_gauges(now, [model])
+        tokens = dict(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                      cache_creation_input_tokens=usage.cache_creation_input_tokens,
+                      cache_read_input_tokens=usage.cache_read_input_tokens)
+        self.engine.record(model, now, seconds=seconds, stream_seconds=stream_seconds,
+                           ttft_seconds=ttft_seconds, **tokens)
+        if lane:
+            self.plans.record(lane, now, seconds=seconds, **tokens)
+        if model in self.engine.quotas or lane in self.plans.quotas:
+            self._update_gauges(now, [model], [lane])
 
-    def _update_gauges(self, now: float, models=None) -> None:
-        for model in models if models is not None else list(self.engine.quotas):
-            state = self.engine.state(model, now)
-            for window in state.windows:
-                if window.limit_tokens:
-                    self.metrics.quota_headroom.labels(model, window.name).set(
-                        window.headroom_tokens / window.limit_tokens)
+    def _update_gauges(self, now: float, models=None, lanes=None) -> None:
+        for engine, names, gauge in ((self.engine, models, self.metrics.quota_headroom),
+                                     (self.plans, lanes, self.metrics.plan_headroom)):
+            for name in names if names is not None else list(engine.quotas):
+                if name not in engine.quotas:
+                    continue
+                for window in engine.state(name, now).windows:
+                    if window.limit_tokens:
+                        gauge.labels(name, window.name).set(
+                            window.headroom_tokens / window.limit_tokens)
 
     # -- calibration -----------------------------------------------------------------------------
 
-    def ingest_probe_results(self) -> int:
-        """Read the GLM probe results file when it is new or changed; rows used."""
-        path = self.config.calibration.probe_results
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            return 0
-        if mtime == self._probe_mtime:
-            return 0
-        self._probe_mtime = mtime
-        used = self.calibration.set_probe_rows(read_probe_results(path))
-        log.info("calibration: {rows} samples from {path}", rows=used, path=path)
-        return used
-
     def sample(self) -> None:
-        """The sampler's tick: gap samples for limits still pending, fresh gauges, probe file.
-        Makes no external call."""
+        """The sampler's tick: gap samples for limits still pending, fresh gauges. Makes no
+        external call."""
         now = self.clock.seconds()
-        self.ingest_probe_results()
         for model in sorted(self.engine.quotas):
             state = self.engine.state(model, now)
             for window in state.windows:
                 self.calibration.sample(model, window.name, now, window.reset_eta_sec)
-            warn = self._auto_warn(model)
+            warn = self.auto_warn(model)
             if warn.confidence < 0.5 and warn.min_samples_reached:
                 log.info("calibration of {model}: warn_pct_auto {pct} at low confidence "
                          "{confidence}", model=model, pct=warn.warn_pct_auto,
                          confidence=warn.confidence)
         self._update_gauges(now)
-
-    # -- views -----------------------------------------------------------------------------------
-
-    def usage_view(self) -> dict:
-        now = self.clock.seconds()
-        models = sorted(set(self.engine.models) | set(self.engine.quotas) | set(self.policy.last))
-        return {"ts": now, "reroute_mode": self.policy.mode,
-                "cooldown_sec": self.policy.cooldown_sec,
-                "models": {model: self.model_view(model, now) for model in models}}
-
-    def model_view(self, model: str, now: float) -> dict:
-        state = self.state(model, now)
-        quota = self.engine.quotas.get(model)
-        warn_pct = quota.warn_pct if quota else None  # no quota: nothing to warn about
-        auto = self._auto_warn(model)
-        usage = self.engine.models.get(model)
-        route = self.config.route_for(model)
-        until = self.policy.cooldown_until(model, now)
-        last = self.policy.last.get(model)
-        overshoot = self.policy.overshoot_at.get(model)
-        windows = {}
-        for window in state.windows:
-            windows[window.name] = {
-                "window_hours": window.window_hours, "used_tokens": window.used_tokens,
-                "limit_tokens": window.limit_tokens, "headroom_pct": window.headroom_pct,
-                "headroom_tokens": window.headroom_tokens,
-                "used_hours": window.used_hours, "limit_hours": window.limit_hours,
-                "reset_eta_sec": window.reset_eta_sec, "state": state.window_state(window)}
-        rolling_gaps = self.calibration.gap_stats(model, "rolling")
-        return {
-            "quota": quota.to_dict() if quota else None,
-            **windows,
-            "state": state.state, "warn": state.state == "warn", "block": state.blocked,
-            "warn_pct": warn_pct,
-            "warn_pct_auto": auto.warn_pct_auto if auto else warn_pct,
-            "warn_pct_confidence": auto.confidence if auto else 0.0,
-            "min_samples_reached": auto.min_samples_reached if auto else False,
-            **rolling_gaps,
-            "calibration": {
-                "rolling": rolling_gaps,
-                "weekly": self.calibration.gap_stats(model, "weekly"),
-                "limit_multiplier": auto.limit_multiplier if auto else 1.0,
-                "multiplier_samples": self.calibration.multiplier_samples(model)},
-            "requests": usage.requests if usage else 0,
-            "input_tokens": usage.input_tokens if usage else 0,
-            "output_tokens": usage.output_tokens if usage else 0,
-            "cache_creation_input_tokens": usage.cache_creation_input_tokens if usage else 0,
-            "cache_read_input_tokens": usage.cache_read_input_tokens if usage else 0,
-            "speeds": self.engine.speeds(model),
-            "policy": {
-                "mode": self.policy.mode, "lane": route.lane,
-                "secondary": (f"{route.secondary_lane}/{route.secondary_model or route.model}"
-                              if route.secondary_lane else None),
-                "cooldown_active": until is not None, "cooldown_next_ts": until,
-                "cooldown_remaining_sec": round(until - now, 1) if until else 0,
-                "overshoot_at": overshoot,
-                "last_decision": last.decision if last else None,
-                "last_reason": last.reason if last else None,
-                "predicted_need_tokens": state.predicted_need},
-        }
-
-    def quotas_view(self) -> dict:
-        return {"file": self.quota_file, "loaded_at": self.quotas_loaded_at,
-                "models": {model: quota.to_dict()
-                           for model, quota in sorted(self.engine.quotas.items())}}
-
-
-class CalibrationSampler(TimerService):
-    """Runs :meth:`Governor.sample` every ``sample_minutes``; a failing tick is logged and the
-    next one still runs (a LoopingCall would stop for good after one exception)."""
-
-    name = "calibration-sampler"
-
-    def __init__(self, governor: Governor, interval_s: float, clock=None):
-        super().__init__(interval_s, self._tick)
-        self.governor = governor
-        if clock is not None:
-            self.clock = clock
-
-    def _tick(self) -> None:
-        try:
-            self.governor.sample()
-        except Exception:  # noqa: BLE001 - keep sampling whatever one tick did
-            log.failure("calibration sample failed")

@@ -84,6 +84,22 @@ class Metrics:
         self.quota_poll_errors = Counter(
             "ccp_quota_poll_errors", "Failed polls of a lane's quota endpoint (quota_url).",
             ["lane"], registry=r)
+        self.plan_headroom = Gauge(
+            "ccp_plan_headroom_ratio", "Quota left in a lane's plan window (quotas.json "
+            '"lanes"), 0-1 of its limit, by ccpd\'s own count.', ["lane", "window"], registry=r)
+        self.provider_utilization = Gauge(
+            "ccp_provider_utilization_ratio", "Utilisation of a lane's plan window as the "
+            "provider last reported it (0-1; 1 when it answered that the window is used up).",
+            ["lane", "window"], registry=r)
+        self.provider_reset = Gauge(
+            "ccp_provider_reset_timestamp_seconds", "When the provider said a lane's plan "
+            "window resets (epoch seconds).", ["lane", "window"], registry=r)
+        self.limit_answers = Counter(
+            "ccp_limit_answers", "Limit answers from lanes, by class: window_exhausted, burst, "
+            "overloaded, account.", ["lane", "class"], registry=r)
+        self.lane_unusable = Gauge(
+            "ccp_lane_unusable", "1 while a lane cannot serve until someone acts (an account "
+            "problem: balance, fair use, a rejected key), else 0.", ["lane"], registry=r)
         self.lane_up = Gauge(
             "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
             ["lane"], registry=r)

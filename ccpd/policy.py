@@ -1,18 +1,18 @@
-"""Which lane serves a request: the reroute policy, provider limit answers and their reset times.
+"""Which lane serves a request: the reroute policy of SPEC.md.
 
-Pure logic: no reactor, no I/O; ``now`` is passed in. The proxy asks :meth:`Policy.decide`
+Pure logic: no reactor, no I/O; ``now`` is passed in. The governor asks :meth:`Policy.decide`
 before sending, and :meth:`Policy.after_limit` when the lane answered with a limit before any
-byte reached the client.
+byte reached the client (:mod:`ccpd.limits` says which limit it was).
+
+A standing (``preferred``, ``secondary``) is anything with ``state`` (ok/warn/block),
+``blocked`` and ``predicted_need``: a model's :class:`~ccpd.quotas.QuotaState`, or the
+governor's combination of every piece of evidence about a lane.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from datetime import datetime, timezone, tzinfo
-from email.utils import parsedate_to_datetime
 
 from ccpd.config import Route
-from ccpd.quotas import QuotaState
 
 MODES = ("preemptive", "run2cap", "hybrid")
 
@@ -23,54 +23,9 @@ REROUTED_COOLDOWN = "rerouted_cooldown"
 BLOCKED = "blocked"
 
 
-def limit_window(status: int, error_type: str | None) -> str | None:
-    """The quota window a provider's answer says is exhausted (``rolling``/``weekly``), or
-    None when the answer is not a limit. Z.AI: 1308 is its 5-hour cap, 1310 its weekly cap."""
-    if error_type == "1310":
-        return "weekly"
-    if error_type == "1308" or status == 429 or error_type == "rate_limit_error":
-        return "rolling"
-    return None
-
-
-_ZAI_RESET = re.compile(r"reset(?:s)? at (\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?)")
-_RATELIMIT_RESETS = ("anthropic-ratelimit-tokens-reset", "anthropic-ratelimit-input-tokens-reset",
-                     "anthropic-ratelimit-output-tokens-reset",
-                     "anthropic-ratelimit-requests-reset")
-
-
-def _epoch(text: str, default_tz: tzinfo) -> float | None:
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=default_tz)
-    return moment.timestamp()
-
-
-def observed_reset(headers: dict[str, str], message: str | None, now: float,
-                   reset_tz: tzinfo = timezone.utc) -> float | None:
-    """When the provider says its limit lifts (epoch seconds), from the most precise source
-    present: Z.AI's "reset at <wall-clock time>" (in the lane's ``reset_tz``), Anthropic's
-    ``anthropic-ratelimit-*-reset`` headers, then ``retry-after`` (seconds or an HTTP date)."""
-    if message:
-        found = _ZAI_RESET.search(message)
-        if found and (when := _epoch(found.group(1), reset_tz)) is not None:
-            return when
-    resets = [when for name in _RATELIMIT_RESETS
-              if (value := headers.get(name)) and (when := _epoch(value, timezone.utc))]
-    if resets:
-        return max(resets)
-    retry_after = (headers.get("retry-after") or "").strip()
-    if retry_after.isdigit():
-        return now + int(retry_after)
-    if retry_after:
-        try:
-            return parsedate_to_datetime(retry_after).timestamp()
-        except (TypeError, ValueError):
-            return None
-    return None
+def _why(standing) -> str:
+    """What a blocked standing says about itself (the governor's names its evidence)."""
+    return getattr(standing, "reason", "") or standing.state
 
 
 @dataclass(frozen=True)
@@ -110,7 +65,7 @@ class Policy:
             return None
         return until
 
-    def decide(self, route: Route, preferred: QuotaState, secondary: QuotaState | None,
+    def decide(self, route: Route, preferred, secondary,
                now: float, headroom_tokens: int | None = None) -> Decision:
         """The lane for a request to ``route.model``.
 
@@ -135,14 +90,14 @@ class Policy:
         if self.mode == "preemptive":
             if not preferred.blocked:
                 return preferred_decision
-            reason = f"quota blocks {model} ({preferred.state})"
+            reason = f"quota blocks {model} ({_why(preferred)})"
         else:
             need = max(preferred.predicted_need, 1)
             short = headroom_tokens is not None and headroom_tokens < need
             if not short and not preferred.blocked:
                 return preferred_decision
             reason = (f"headroom {headroom_tokens} tokens < predicted need {need}"
-                      if short else f"quota blocks {model}")
+                      if short else f"quota blocks {model} ({_why(preferred)})")
             last = self.overshoot_at.get(model)
             # one overshoot per cooldown window; with no cooldown there is no window, and no
             # overshoot: hybrid then reroutes as soon as the headroom is short
@@ -155,24 +110,31 @@ class Policy:
                             preferred_attempt=False)
         return self._reroute(route, secondary, REROUTED_QUOTA, reason, preferred_attempt=False)
 
-    def after_limit(self, route: Route, secondary: QuotaState | None, now: float,
-                    window: str) -> Decision | None:
-        """The preferred lane answered with a ``window`` limit before any byte reached the
-        client: the reroute to make, or None to pass the answer on (no lane left)."""
+    def after_limit(self, route: Route, secondary, now: float, reason: str,
+                    cooldown_until: float | None = None) -> Decision | None:
+        """The preferred lane answered with a limit (``reason`` names it) before any byte
+        reached the client: the reroute to make, or None to pass the answer on (no lane
+        left). ``cooldown_until``: the preferred model cools down until then (hybrid)."""
         until = None
-        if self.mode == "hybrid" and self.cooldown_sec > 0:
-            until = self.cooldowns[route.model] = now + self.cooldown_sec
+        if self.mode == "hybrid" and cooldown_until is not None and cooldown_until > now:
+            until = self.cooldowns[route.model] = cooldown_until
         if not route.secondary_lane:
             return None
-        decision = self._reroute(route, secondary, REROUTED_LIMIT,
-                                 f"preferred lane answered with its {window} limit",
+        decision = self._reroute(route, secondary, REROUTED_LIMIT, reason,
                                  preferred_attempt=True, cooldown_next_ts=until)
         if decision.decision == BLOCKED:
             return None
         self.last[route.model] = decision
         return decision
 
-    def _reroute(self, route: Route, secondary: QuotaState | None, kind: str, reason: str, *,
+    def reroute(self, route: Route, secondary, kind: str, reason: str) -> Decision:
+        """A reroute the governor decided on (a lane that cannot serve); BLOCKED when the
+        secondary is blocked too."""
+        decision = self._reroute(route, secondary, kind, reason, preferred_attempt=False)
+        self.last[route.model] = decision
+        return decision
+
+    def _reroute(self, route: Route, secondary, kind: str, reason: str, *,
                  preferred_attempt: bool, cooldown_next_ts: float | None = None) -> Decision:
         target = route.secondary_model or route.model
         if self.mode != "run2cap" and secondary is not None and secondary.blocked:

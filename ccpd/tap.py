@@ -14,12 +14,14 @@ from twisted.python import usage
 
 from ccpd.config import Config, ConfigError, load_config
 from ccpd.daemonlog import JsonLogService
-from ccpd.governor import CalibrationSampler, Governor
+from ccpd.governor import Governor
 from ccpd.lanes import Lanes
 from ccpd.metrics import Metrics
-from ccpd.quotas import ModelQuota, QuotaError, load_quotas
+from ccpd.quotapoll import QuotaPoller
+from ccpd.quotas import QuotaError, Quotas, load_quotas
 from ccpd.recorder import USAGE_LOG, Recorder
 from ccpd.store.service import StoreService
+from ccpd.timers import CalibrationSampler, ProbeResultsWatcher
 from ccpd.web.app import CcpdApp
 from ccpd.web.site import CcpdSite
 
@@ -75,7 +77,7 @@ def with_backlog(listen: str, backlog: int) -> str:
 
 
 def build_service(config: Config, reactor, environ: Mapping[str, str] = os.environ,
-                  quotas: dict[str, ModelQuota] | None = None) -> CcpdService:
+                  quotas: Quotas | None = None) -> CcpdService:
     """The service tree; ``quotas`` defaults to the quotas file of ``config``.
 
     Services start in the order added and stop in reverse (see
@@ -84,18 +86,23 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     metrics = Metrics()
     lanes = Lanes(config.lanes, reactor, environ)
     recorder = Recorder(config.logs, metrics, config.routing.reroute_mode, reactor)
+    store = StoreService(config.store, os.path.join(config.logs.dir, USAGE_LOG), metrics,
+                         reactor)
     governor = Governor(config, load_quotas(config.quotas_file) if quotas is None else quotas,
-                        metrics, reactor)
-    store = StoreService(config.store, os.path.join(config.logs.dir, USAGE_LOG), governor,
-                         metrics, reactor)
+                        metrics, reactor, keep=store)
+    store.on_recovered(governor.restore)
     recorder.sinks.append(store.writer.add)
     app = CcpdApp(config, lanes, recorder, metrics, governor, store, reactor)
     top = CcpdService(config, app)
     if config.logs.json_log:
         JsonLogService(config.logs).setServiceParent(top)
+    sample_s = config.calibration.sample_minutes * 60
     for child in (lanes, recorder,
-                  CalibrationSampler(governor, config.calibration.sample_minutes * 60,
-                                     clock=reactor),
+                  CalibrationSampler(governor, sample_s, clock=reactor),
+                  ProbeResultsWatcher(config.calibration.probe_results, governor.calibration,
+                                      sample_s, clock=reactor),
+                  QuotaPoller(lanes, governor.evidence, metrics, reactor,
+                              on_readings=governor.observe_readings),
                   store):
         child.setServiceParent(top)
     server = config.server

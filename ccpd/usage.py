@@ -330,6 +330,9 @@ class UsageRecord:
     gap_samples: int = 0
     header_mode: str = ""
     upstream_model: str = ""
+    limit_class: str | None = None
+    provider_utilization_5h: float | None = None
+    provider_utilization_7d: float | None = None
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in _RECORD_FIELDS}

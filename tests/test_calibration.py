@@ -7,7 +7,9 @@ from twisted.internet import task
 
 from ccpd.calibration import Calibration, parse_probe_results
 from ccpd.config import config_from_string
-from ccpd.governor import CalibrationSampler, Governor
+from ccpd.governor import Governor
+from ccpd.timers import CalibrationSampler, ProbeResultsWatcher
+from ccpd.web.views import model_view
 from ccpd.metrics import Metrics
 from ccpd.quotas import ModelQuota
 
@@ -128,24 +130,27 @@ def governor_with_clock(tmp_path):
 def test_sampler_runs_every_sample_minutes_and_ingests_the_probe_file(tmp_path):
     governor, clock, probe = governor_with_clock(tmp_path)
     sampler = CalibrationSampler(governor, 600, clock=clock)
+    watcher = ProbeResultsWatcher(str(probe), governor.calibration, 600, clock=clock)
     sampler.startService()
+    watcher.startService()
     try:
-        view = governor.model_view("glm-4.6", clock.seconds())
+        view = model_view(governor, "glm-4.6", clock.seconds())
         assert view["calibration"]["multiplier_samples"] == 0
         probe.write_text(PROBE_FILE)
         clock.advance(600)
-        view = governor.model_view("glm-4.6", clock.seconds())
+        view = model_view(governor, "glm-4.6", clock.seconds())
         assert view["calibration"]["multiplier_samples"] == 2 and view["gap_samples"] == 2
         # a pending provider reset is compared with ccpd's ETA at every tick
         governor.engine.record("glm-4.6", clock.seconds(), input_tokens=900)
         governor.calibration.observe_limit("glm-4.6", "rolling", clock.seconds(), None,
                                            clock.seconds() + 20000, None)
-        assert governor.model_view("glm-4.6", clock.seconds())["gap_samples"] == 2
+        assert model_view(governor, "glm-4.6", clock.seconds())["gap_samples"] == 2
         clock.advance(600)
-        view = governor.model_view("glm-4.6", clock.seconds())
+        view = model_view(governor, "glm-4.6", clock.seconds())
         assert view["gap_samples"] == 3 and view["calibration"]["multiplier_samples"] == 2
     finally:
         sampler.stopService()
+        watcher.stopService()
 
 
 def test_a_failing_tick_does_not_stop_the_sampler(tmp_path):

@@ -77,9 +77,9 @@ async def test_probe_records_the_first_limit_and_ccpd_ingests_the_rows(tmp_path,
     assert text.count("| timestamp | vendor | model |") == 1
     assert text.startswith("# GLM limit probe")
 
-    # the sampler's tick reads the changed file: one multiplier and one gap sample per row
+    # the watcher's tick reads the changed file: one multiplier and one gap sample per row
     before = await usage_of(ccpd, "glm-solo")
-    ccpd.service.app.governor.sample()
+    ccpd.service.getServiceNamed("probe-results-watcher").tick()
     after = await usage_of(ccpd, "glm-solo")
     assert after["calibration"]["multiplier_samples"] == \
         before["calibration"]["multiplier_samples"] + 2

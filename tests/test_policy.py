@@ -1,13 +1,12 @@
-"""The reroute policy's decisions in each mode, cooldowns, limit answers and reset times."""
+"""The reroute policy's decisions in each mode, cooldowns and limit answers (which limit an
+answer is, and when it lifts: tests/test_limits.py)."""
 from __future__ import annotations
-
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from ccpd.config import Route
 from ccpd.policy import (BLOCKED, PREFERRED, REROUTED_COOLDOWN, REROUTED_LIMIT, REROUTED_QUOTA,
-                         Policy, limit_window, observed_reset)
+                         Policy)
 from ccpd.quotas import ModelQuota, QuotaEngine
 
 T0 = 1_800_000_000.0
@@ -33,9 +32,10 @@ def decide(policy, state, route=ROUTE, now=T0, secondary=None):
 def test_run2cap_always_tries_the_preferred_lane():
     policy = Policy("run2cap", 300)
     assert decide(policy, FULL).decision == PREFERRED
-    reroute = policy.after_limit(ROUTE, None, T0, "rolling")
+    reroute = policy.after_limit(ROUTE, None, T0, "window_exhausted:five_hour", T0 + 300)
     assert (reroute.lane, reroute.model, reroute.decision, reroute.attempt) == \
         ("anthropic", "claude-x", REROUTED_LIMIT, 1)
+    assert reroute.reason == "window_exhausted:five_hour"
     assert reroute.preferred_attempt and not reroute.cooldown_active
     assert decide(policy, OK).decision == PREFERRED  # no cooldown in run2cap
 
@@ -69,7 +69,7 @@ def test_hybrid_reroutes_when_headroom_is_below_the_predicted_need_after_one_ove
 
 def test_hybrid_limit_answer_starts_a_cooldown_that_expires():
     policy = Policy("hybrid", 300)
-    reroute = policy.after_limit(ROUTE, None, T0, "rolling")
+    reroute = policy.after_limit(ROUTE, None, T0, "window_exhausted:five_hour", T0 + 300)
     assert reroute.decision == REROUTED_LIMIT and reroute.cooldown_next_ts == T0 + 300
     during = decide(policy, OK, now=T0 + 299)
     assert (during.decision, during.lane, during.cooldown_next_ts) == \
@@ -77,46 +77,21 @@ def test_hybrid_limit_answer_starts_a_cooldown_that_expires():
     assert decide(policy, OK, now=T0 + 300).decision == PREFERRED
 
 
-def test_cooldown_zero_disables_it():
+def test_no_cooldown_end_means_no_cooldown():
     policy = Policy("hybrid", 0)
-    policy.after_limit(ROUTE, None, T0, "rolling")
+    reroute = policy.after_limit(ROUTE, None, T0, "burst")  # a burst: no window cooldown
+    assert reroute.decision == REROUTED_LIMIT and not reroute.cooldown_active
     assert decide(policy, OK, now=T0 + 1).decision == PREFERRED
 
 
 def test_limit_answer_without_secondary_passes_the_answer_on():
-    assert Policy("hybrid", 300).after_limit(ALONE, None, T0, "weekly") is None
+    assert Policy("hybrid", 300).after_limit(ALONE, None, T0, "window_exhausted:weekly",
+                                             T0 + 300) is None
 
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="preemptive, run2cap, hybrid"):
         Policy("yolo", 1)
-
-
-@pytest.mark.parametrize("status, error_type, window", [
-    (429, "rate_limit_error", "rolling"), (429, "1308", "rolling"), (429, "1310", "weekly"),
-    (200, "1310", "weekly"), (400, "invalid_request_error", None), (529, "overloaded_error", None),
-])
-def test_limit_answers_are_recognised(status, error_type, window):
-    assert limit_window(status, error_type) == window
-
-
-def test_reset_times_from_each_source():
-    now = T0
-    assert observed_reset({"retry-after": "30"}, None, now) == now + 30
-    http_date = "Fri, 15 Jan 2027 08:00:00 GMT"
-    assert observed_reset({"retry-after": http_date}, None, now) == \
-        datetime(2027, 1, 15, 8, tzinfo=timezone.utc).timestamp()
-    headers = {"retry-after": "30",
-               "anthropic-ratelimit-tokens-reset": "2027-01-15T08:00:00Z",
-               "anthropic-ratelimit-requests-reset": "2027-01-15T07:00:00Z"}
-    assert observed_reset(headers, None, now) == \
-        datetime(2027, 1, 15, 8, tzinfo=timezone.utc).timestamp()
-    beijing = timezone(timedelta(hours=8))
-    message = "Usage limit reached for 5 hour. Your limit will reset at 2027-01-15 16:00:00"
-    assert observed_reset(headers, message, now, beijing) == \
-        datetime(2027, 1, 15, 8, tzinfo=timezone.utc).timestamp()
-    assert observed_reset({}, "no time here", now) is None
-    assert observed_reset({"retry-after": "soon"}, None, now) is None
 
 
 def test_hybrid_without_cooldown_reroutes_as_soon_as_headroom_is_short():

@@ -66,20 +66,27 @@ def test_run2cap_reroutes_a_1308_answer_to_the_secondary_with_the_rewritten_mode
     assert len(ccpd.zai.requests) == 2
 
 
-def test_hybrid_flips_lanes_for_the_cooldown_after_a_limit_answer(memory_ccpd):
+FAKE_RESET_S = 30 * 60  # the fake's Z.AI limit answers reset 30 minutes after they are sent
+
+
+def test_hybrid_flips_lanes_until_the_reset_the_limit_answer_reports(memory_ccpd):
+    """Z.AI's 1310 says when the weekly limit lifts (the fake: in 30 minutes, as a wall-clock
+    time in Beijing): the cooldown lasts until then, not cooldown_sec."""
     ccpd = memory_pair(memory_ccpd, "hybrid", limit_tokens=0, limit_code="1310")
     stream = ccpd.post("/v1/messages", {**GLM, "stream": True})
     assert stream.code == 200 and stream.body.count(b"event: content_block_delta") == 5
     assert b'"model":"claude-sonnet-4-5"' in stream.body
-    ccpd.advance(COOLDOWN_SEC - 1)
+    ccpd.advance(FAKE_RESET_S - 1)
     again = ccpd.post("/v1/messages", GLM)
     assert again.code == 200 and again.json()["model"] == "claude-sonnet-4-5"
     assert len(ccpd.zai.requests) == 1  # the second request skipped the cooling lane
     first, second = ccpd.usage_lines()
     assert first["reroute_decision"] == "rerouted_limit" and first["cooldown_active"] is True
+    assert first["limit_class"] == "window_exhausted:weekly"
+    assert "window_exhausted:weekly" in first["decision_reason"]
     assert (second["reroute_decision"], second["preferred_attempt"]) == \
         ("rerouted_cooldown", False)
-    assert second["cooldown_next_ts"] == first["cooldown_next_ts"] == first["ts"] + COOLDOWN_SEC
+    assert second["cooldown_next_ts"] == first["cooldown_next_ts"] == first["ts"] + FAKE_RESET_S
     assert ccpd.metric("ccp_rerouted_on_limit_total", model="glm-4.6", mode="hybrid") == 2.0
     view = ccpd.get("/v1/usage").json()["models"]["glm-4.6"]
     assert view["policy"]["cooldown_active"] is True

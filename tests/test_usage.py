@@ -190,7 +190,8 @@ def test_usage_record_has_every_schema_field_with_neutral_policy_values():
         "decision_reason", "reroute_attempt", "preferred_attempt", "quota_headroom_pct",
         "headroom_pct_rolling", "headroom_pct_weekly", "quota_warn_threshold",
         "cooldown_active", "cooldown_next_ts", "wasted_retry_ms", "warn_pct_auto",
-        "gap_seconds_p50", "gap_seconds_p95", "gap_samples", "header_mode", "upstream_model"]
+        "gap_seconds_p50", "gap_seconds_p95", "gap_samples", "header_mode", "upstream_model",
+        "limit_class", "provider_utilization_5h", "provider_utilization_7d"]
     assert (record["reroute_decision"], record["reroute_attempt"], record["preferred_attempt"],
             record["cooldown_active"], record["wasted_retry_ms"]) == ("preferred", 0, True,
                                                                        False, 0)

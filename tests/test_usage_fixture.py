@@ -11,6 +11,7 @@ from ccpd.config import config_from_string
 from ccpd.governor import Governor
 from ccpd.metrics import Metrics
 from ccpd.quotas import ModelQuota
+from ccpd.web.views import usage_view
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "usage" / "ccc_usage_with_speeds.json"
 
@@ -34,7 +35,7 @@ def test_fixture_has_every_field_of_the_model_view(tmp_path):
                                 "t.ini", environ={})
     governor = Governor(config, {"glm-4.6": ModelQuota(rolling_limit_tokens=10)}, Metrics(),
                         task.Clock())
-    live = governor.usage_view()
+    live = usage_view(governor, 0.0)
     captured = json.loads(FIXTURE.read_text())
     assert set(captured) == set(live)
     assert keys(captured["models"]["glm-4.6"]) == keys(live["models"]["glm-4.6"])

@@ -215,13 +215,32 @@ def load_cooldowns(cursor, now: float) -> dict[str, float]:
     return dict(cursor.fetchall())
 
 
+def save_reading(cursor, row: tuple) -> None:
+    """One provider reading (:meth:`ccpd.evidence.Reading.to_row`), replacing the older one
+    of its lane and window."""
+    cursor.execute("INSERT INTO provider_reading (lane, plan_window, utilization, reset_at, status, "
+                   "observed_at, source) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                   "ON CONFLICT(lane, plan_window) DO UPDATE SET utilization = excluded.utilization, "
+                   "reset_at = excluded.reset_at, status = excluded.status, "
+                   "observed_at = excluded.observed_at, source = excluded.source "
+                   "WHERE excluded.observed_at >= provider_reading.observed_at", row)
+
+
+def load_readings(cursor) -> list[tuple]:
+    """Every stored provider reading, as :meth:`ccpd.evidence.Reading.to_row` wrote it."""
+    cursor.execute("SELECT lane, plan_window, utilization, reset_at, status, observed_at, "
+                   "source FROM provider_reading ORDER BY lane, plan_window")
+    return cursor.fetchall()
+
+
 def recent_usage(cursor, since: float) -> list[tuple]:
-    """``(model, ts, input, output, cache_creation, cache_read, dirty_s)`` of the Messages
-    samples with tokens since ``since``, oldest first: what the quota windows are rebuilt from
-    (the model is the one the lane was asked for, the key live accounting uses)."""
+    """``(model, ts, input, output, cache_creation, cache_read, dirty_s, lane)`` of the
+    Messages samples with tokens since ``since``, oldest first: what the quota windows are
+    rebuilt from (the model is the one the lane was asked for, the key live accounting uses;
+    the lane is the plan that served it)."""
     cursor.execute("SELECT coalesce(upstream_model, served_model, model), ts, input_tokens, "
                    "output_tokens, coalesce(cache_creation_input_tokens, 0), "
-                   "coalesce(cache_read_input_tokens, 0), dirty_s FROM usage_sample "
+                   "coalesce(cache_read_input_tokens, 0), dirty_s, lane FROM usage_sample "
                    "WHERE ts >= ? AND op = 'messages' AND input_tokens + output_tokens + "
                    "coalesce(cache_creation_input_tokens, 0) + "
                    "coalesce(cache_read_input_tokens, 0) > 0 ORDER BY ts", (since,))

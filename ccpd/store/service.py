@@ -49,12 +49,12 @@ class StoreService(service.MultiService):
 
     name = "store-service"
 
-    def __init__(self, config: StoreConfig, usage_log: str, governor, metrics, clock):
+    def __init__(self, config: StoreConfig, usage_log: str, metrics, clock):
         super().__init__()
         self.config = config
         self.usage_log = usage_log
-        self.governor = governor
         self.clock = clock
+        self._restorers = []
         self.store = SQLiteStore(config.path if config.persist else MEMORY, clock)
         self.store.setServiceParent(self)
         self.writer = SampleWriter(self.store, metrics, clock)
@@ -82,8 +82,6 @@ class StoreService(service.MultiService):
             log.failure("store start-up recovery failed; samples still go to usage.jsonl and "
                         "will be recovered at the next start")
         finally:
-            if self.config.persist:
-                self.governor.on_cooldown = self.save_cooldown
             # the roller starts only now, so its first tick sees the recovered samples
             if self.running:
                 self.roller.setServiceParent(self)
@@ -97,15 +95,31 @@ class StoreService(service.MultiService):
             self.roller.mark(oldest)
         cooldowns = await self.store.run(queries.load_cooldowns, self.started_at)
         rows = await self.store.run(queries.recent_usage, since)
-        self.governor.restore(cooldowns, [r for r in rows if r[1] < self.started_at])
+        readings = await self.store.run(queries.load_readings)
+        for restore in self._restorers:
+            restore(cooldowns, [r for r in rows if r[1] < self.started_at], readings)
         newest = await self.store.run(queries.newest_rollup)
         self.roller.mark(newest if newest is not None else
                          await self.store.run(queries.oldest_sample) or self.started_at)
 
+    def on_recovered(self, restore) -> None:
+        """Call ``restore(cooldowns, usage_rows, readings)`` with the stored state once the
+        store is recovered at start-up (see :meth:`ccpd.governor.Governor.restore`)."""
+        self._restorers.append(restore)
+
     def save_cooldown(self, model: str, until: float) -> None:
-        d = self.store.run(queries.save_cooldown, model, until)
-        d.addErrback(lambda f: log.error("could not save the cooldown of {model}: {error}",
-                                         model=model, error=f.getErrorMessage()))
+        self._save(queries.save_cooldown, f"the cooldown of {model}", model, until)
+
+    def save_reading(self, reading) -> None:
+        self._save(queries.save_reading, f"the {reading.window} reading of lane "
+                                         f"{reading.lane}", reading.to_row())
+
+    def _save(self, query, what: str, *args) -> None:
+        if not self.config.persist:
+            return
+        d = self.store.run(query, *args)
+        d.addErrback(lambda f: log.error("could not save {what}: {error}", what=what,
+                                         error=f.getErrorMessage()))
 
     @defer.inlineCallbacks
     def stopService(self):

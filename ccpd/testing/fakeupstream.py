@@ -2,7 +2,8 @@
 
 It answers ``POST /v1/messages`` (JSON or SSE), ``POST /v1/messages/count_tokens`` and
 ``GET /v1/models`` under any path prefix (so ``/api/anthropic/v1/messages`` works too, like
-Z.AI's endpoint). What it does is chosen per request by headers:
+Z.AI's endpoint), and Z.AI's quota endpoint ``GET /api/monitor/usage/quota/limit`` at the host
+root. What it does is chosen per request by headers:
 
 - ``x-fake-input-tokens`` (12), ``x-fake-cache-creation`` (0), ``x-fake-cache-read`` (0):
   the usage it reports; ``x-fake-events`` (5): text deltas, which is also the output tokens;
@@ -10,8 +11,9 @@ Z.AI's endpoint). What it does is chosen per request by headers:
 - ``x-fake-interval-ms`` (0): pause between stream events; ``x-fake-first-byte-ms`` (0): pause
   before the answer;
 - ``x-fake-status`` with ``x-fake-error-type``: an Anthropic error answer (429 carries
-  ``retry-after: 30`` and ``anthropic-ratelimit-tokens-reset``);
-- ``x-fake-scenario``: ``zai-1308`` / ``zai-1310`` (Z.AI limit answers), ``usage-headers``
+  ``retry-after: 30`` and ``anthropic-ratelimit-tokens-reset``, 30 s after the fake's clock);
+- ``x-fake-scenario``: ``zai-1308`` / ``zai-1310`` (Z.AI limit answers whose message says
+  the limit resets 30 minutes after the fake's clock, in +08:00), ``usage-headers``
   (usage only in ``X-*`` headers), ``hang`` (never answers), ``hang-after-headers`` (SSE
   headers and ``message_start``, then nothing), ``die-mid-stream`` (two deltas, then the
   connection is cut), ``echo`` (describes the request it got), ``big`` (a 1 MiB JSON answer).
@@ -40,6 +42,36 @@ request alike unless marked (SSE):
   ``x-fake-bytes`` (50 MiB) written the same way: a line no SSE reader should hold whole;
 - ``gate``: the usual answer, held back until ``open_gate()``.
 
+Provider limits, with the real providers' header names and body shapes, all taken from
+``fixtures/limits/answers.json`` (``tests/test_fakeupstream.py`` holds the fake to it):
+
+- ``x-fake-scenario: limit:<fixture name>`` (``limit:zai_1302_concurrency``,
+  ``limit:anthropic_unified_rejected_five_hour``, ...): that fixture's status, headers and
+  JSON body, exactly; an unknown name gets a 400 naming it. ``fake.limit_answer = "<name>"``
+  (None: off) answers every Messages request so, for reroute tests; it goes before
+  ``limit_tokens``, which it leaves alone. The fixtures' times are fixed (their ``now`` is
+  ``1796200000``); ``fake.relative_limit_times = True`` moves them (unified resets, per-minute
+  reset times, the wall-clock time in a Z.AI message) by the fake's clock minus that ``now``,
+  so a limit lifts as far ahead of the fake's now as it did of the fixtures';
+- ``x-fake-unified: 5h=0.85,7d=0.30,status=allowed_warning`` (keys ``5h``, ``7d``: 0-1;
+  ``status``: allowed, allowed_warning, rejected; ``claim``: the representative claim, default
+  the fuller window; ``5h-reset``/``7d-reset``: epoch seconds, default the fake's clock plus one
+  hour / five days), or ``fake.unified = {"5h": 0.85, ...}`` (None: off) for every answer of
+  the fake: Anthropic's ``anthropic-ratelimit-unified-*`` headers (status, reset,
+  representative-claim, 5h-/7d- status, reset and utilization, fallback-percentage,
+  overage-status) on the usual JSON or SSE answer. ``status=rejected`` turns the answer into
+  the 429 of ``anthropic_unified_rejected_<claim>`` (five_hour's for another claim), its
+  unified values and ``retry-after`` from the spec. A bad value gets a 400.
+
+Z.AI's quota endpoint answers ``fixtures/zai/quota_limit.json`` with the 5-hour and weekly
+token windows' ``percentage`` (0-100) from ``fake.quota`` (``{"five_hour": 42, "weekly":
+10}``; the fixture's figure when absent) and ``nextResetTime`` (ms) from ``five_hour_reset`` /
+``weekly_reset`` (epoch seconds; default the fake's clock plus one hour / five days).
+``fake.quota_mode`` makes it fail: ``error`` (HTTP 500, JSON), ``not-json`` (200, an HTML
+page), ``hang`` (no answer), ``no-limits`` (200, ``data`` empty), ``unauthorized`` (401,
+Z.AI's code 1001), ``expired`` (HTTP 200 with ``{"code": 401, ...}``, as Z.AI answers a wrong
+or expired key). Quota requests are recorded in ``fake.requests`` like the others.
+
 ``drop_connections()`` closes the fake's idle server-side connections (so a test can see the
 proxy's pooled sockets go), ``open_connections()`` counts them, ``peak_in_flight`` is the
 largest number of requests served at once, and each recorded request's ``outcome`` says how
@@ -55,12 +87,17 @@ Run it alone with ``python -m ccpd.testing.fakeupstream --port 0 --port-file F``
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import gzip
 import json
+import re
 import sys
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Mapping
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.web import resource, server
@@ -140,6 +177,169 @@ OVERLOADED_BODY = json.dumps(
 OVERLOADED_HEADERS = {"content-type": "application/json", "x-should-retry": "true",
                       "request-id": OVERLOADED_REQUEST_ID,
                       "cache-control": "no-store, no-cache", "x-robots-tag": "none"}
+
+
+# -- provider answers taken from the fixtures ----------------------------------------------------
+
+FIXTURES_DIR = Path(__file__).resolve().parents[2] / "fixtures"
+LIMIT_FIXTURES = FIXTURES_DIR / "limits" / "answers.json"
+QUOTA_FIXTURE = FIXTURES_DIR / "zai" / "quota_limit.json"
+QUOTA_PATH = "/api/monitor/usage/quota/limit"
+UNIFIED = "anthropic-ratelimit-unified-"
+UNIFIED_KEYS = ("5h", "7d", "status", "claim", "5h-reset", "7d-reset")
+# unified header infix -> (claim name, seconds from now to its reset unless told)
+_UNIFIED_WINDOWS = {"5h": ("five_hour", 3600), "7d": ("seven_day", 5 * 86400)}
+# (type, unit) of a Z.AI quota limit -> (fake.quota key, seconds from now to its reset)
+_QUOTA_WINDOWS = {("TOKENS_LIMIT", 3): ("five_hour", 3600),
+                  ("TOKENS_LIMIT", 6): ("weekly", 5 * 86400)}
+QUOTA_MODES = (None, "error", "not-json", "hang", "no-limits", "unauthorized", "expired")
+# Z.AI's "no key" answer, and the HTTP 200 it gives a key that is wrong or expired
+QUOTA_UNAUTHORIZED = {"code": 1001, "msg": "Authorization Token Missing", "success": False}
+QUOTA_EXPIRED = {"code": 401, "msg": "token expired or incorrect", "success": False}
+QUOTA_ERROR = {"code": 500, "msg": "System error, please try again later", "success": False}
+QUOTA_NOT_JSON = b"<html><head><title>502 Bad Gateway</title></head><body>502</body></html>"
+# a wall-clock time as the fixtures write them: Z.AI's messages and per-minute reset headers
+_FIXTURE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}")
+
+
+@dataclass(frozen=True)
+class Canned:
+    """A whole answer: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _json_bytes(payload) -> bytes:
+    # as the providers send it: compact, UTF-8 (Z.AI's Chinese messages are not \u-escaped)
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def limit_fixture(name: str) -> dict:
+    """The row of fixtures/limits/answers.json called ``name`` (a copy); KeyError if none."""
+    for row in _load(LIMIT_FIXTURES)["answers"]:
+        if row["name"] == name:
+            return copy.deepcopy(row)
+    raise KeyError(f"no answer {name!r} in {LIMIT_FIXTURES}")
+
+
+def _shift_text(text: str, seconds: int) -> str:
+    def shifted(found: re.Match) -> str:
+        moment = datetime.fromisoformat(found.group(0)) + timedelta(seconds=seconds)
+        return moment.strftime(f"%Y-%m-%d{found.group(0)[10]}%H:%M:%S")
+    return _FIXTURE_TIME.sub(shifted, text)
+
+
+def _shift(value, seconds: int):
+    if isinstance(value, str):
+        return _shift_text(value, seconds)
+    if isinstance(value, dict):
+        return {key: _shift(item, seconds) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shift(item, seconds) for item in value]
+    return value
+
+
+def fixture_answer(name: str, shift_s: int = 0) -> Canned:
+    """The answer of fixture ``name``, its times (unified resets in epoch seconds, per-minute
+    resets and Z.AI's wall-clock messages) moved ``shift_s`` seconds later; ``retry-after``
+    and ``retry-after-ms`` are relative and stay."""
+    answer = limit_fixture(name)["answer"]
+    headers = {}
+    for header, value in answer["headers"].items():
+        if shift_s and header.startswith(UNIFIED) and header.endswith("reset"):
+            value = str(int(value) + shift_s)
+        elif shift_s:
+            value = _shift_text(value, shift_s)
+        headers[header] = value
+    return Canned(answer["status"], headers, _json_bytes(_shift(answer["body"], shift_s)))
+
+
+def parse_unified(text: str) -> dict[str, str]:
+    """``5h=0.85,7d=0.30,status=allowed_warning`` (an ``x-fake-unified`` header) as a dict;
+    ValueError for an item it does not know."""
+    spec = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in UNIFIED_KEYS:
+            raise ValueError(f"{item.strip()!r} is not one of {'=, '.join(UNIFIED_KEYS)}=")
+        spec[key] = value.strip()
+    return spec
+
+
+def unified_headers(spec: Mapping[str, object], now: float) -> dict[str, str]:
+    """The ``anthropic-ratelimit-unified-*`` headers Anthropic sends a subscription, from a
+    spec (keys of :data:`UNIFIED_KEYS`): utilisations 0-1 of ``5h`` and ``7d`` (default 0, or
+    1 for a window ``rejected``), overall ``status`` (``allowed``), representative ``claim``
+    (the fuller window), resets ``5h-reset``/``7d-reset`` in epoch seconds (``now`` + 1 hour /
+    + 5 days). The claimed window's status is the overall one, the other's ``allowed``;
+    fallback percentage and overage status are those of the fixture's ordinary answer.
+    ValueError for a value that is not a number where one is needed."""
+    status = str(spec.get("status") or "allowed")
+    claim = str(spec.get("claim") or "")
+    used = {short: float(spec[short]) for short in _UNIFIED_WINDOWS if spec.get(short) not in
+            (None, "")}
+    if not claim:
+        claim = "seven_day" if used.get("7d", 0.0) > used.get("5h", 0.0) else "five_hour"
+    resets = {short: round(float(spec.get(f"{short}-reset") or now + ahead))
+              for short, (_, ahead) in _UNIFIED_WINDOWS.items()}
+    ordinary = limit_fixture("anthropic_200_with_utilization")["answer"]["headers"]
+    claimed = next((short for short, (name, _) in _UNIFIED_WINDOWS.items() if name == claim),
+                   "7d")  # a claim of its own (seven_day_opus): the weekly reset
+    headers = {UNIFIED + "status": status, UNIFIED + "reset": str(resets[claimed]),
+               UNIFIED + "representative-claim": claim}
+    for short, (name, _) in _UNIFIED_WINDOWS.items():
+        mine = name == claim
+        default = 1.0 if mine and status == "rejected" else 0.0
+        headers[f"{UNIFIED}{short}-status"] = status if mine else "allowed"
+        headers[f"{UNIFIED}{short}-reset"] = str(resets[short])
+        headers[f"{UNIFIED}{short}-utilization"] = repr(used.get(short, default))
+    for key in ("fallback-percentage", "overage-status"):
+        headers[UNIFIED + key] = ordinary[UNIFIED + key]
+    return headers
+
+
+def unified_rejection(headers: Mapping[str, str], now: float) -> Canned:
+    """Anthropic's 429 for a window used up, headers and body as in the fixture
+    ``anthropic_unified_rejected_<claim>`` (five_hour's for a claim without one), its unified
+    values and ``retry-after`` those of ``headers`` (from :func:`unified_headers`)."""
+    claim = headers[UNIFIED + "representative-claim"]
+    try:
+        template = limit_fixture(f"anthropic_unified_rejected_{claim}")["answer"]
+    except KeyError:
+        template = limit_fixture("anthropic_unified_rejected_five_hour")["answer"]
+    answer = {}
+    for name, value in template["headers"].items():
+        if name in headers:
+            value = headers[name]
+        elif name == "retry-after":
+            value = str(max(0, round(float(headers[UNIFIED + "reset"]) - now)))
+        answer[name] = value
+    return Canned(template["status"], answer, _json_bytes(template["body"]))
+
+
+def quota_answer(quota: Mapping[str, float], now: float) -> dict:
+    """Z.AI's quota answer (fixtures/zai/quota_limit.json) with the 5-hour and weekly token
+    windows' ``percentage`` from ``quota`` (``five_hour``, ``weekly``: 0-100; the fixture's
+    when absent) and ``nextResetTime`` (ms) from ``five_hour_reset``/``weekly_reset`` (epoch
+    seconds; default ``now`` + 1 hour / + 5 days)."""
+    answer = copy.deepcopy(_load(QUOTA_FIXTURE))
+    for limit in answer["data"]["limits"]:
+        window = _QUOTA_WINDOWS.get((limit.get("type"), limit.get("unit")))
+        if window is None:
+            continue
+        name, ahead = window
+        if name in quota:
+            limit["percentage"] = quota[name]
+        limit["nextResetTime"] = round(float(quota.get(f"{name}_reset", now + ahead)) * 1000)
+    return answer
 
 
 def malformed_events(model: str, usage: dict, deltas: int) -> list[bytes]:
@@ -262,6 +462,14 @@ class FakeUpstream(resource.Resource):
         self.peak_in_flight = 0
         self.cancelled = 0
         self.overloaded = False  # True: every Messages request gets Anthropic's 529
+        # a fixture name of fixtures/limits/answers.json: every Messages request gets its answer
+        self.limit_answer: str | None = None
+        # True: fixture answers' times move with the fake's clock (see the module docstring)
+        self.relative_limit_times = False
+        # unified utilisation headers on every Messages answer ({"5h": 0.85, ...}), or None
+        self.unified: Mapping[str, object] | None = None
+        self.quota: dict[str, float] = {}  # the quota endpoint's figures: five_hour, weekly, ...
+        self.quota_mode: str | None = None  # one of QUOTA_MODES
         self.streamed_bytes = 0  # bytes written by huge-stream answers
         self._gated: list = []
         self._channels = weakref.WeakSet()
@@ -360,6 +568,8 @@ class FakeUpstream(resource.Resource):
                 "body_len": len(body)})
         if scenario in ("hang", "stall-before-headers"):
             return None
+        if method == b"GET" and path == QUOTA_PATH:
+            return self._quota(request)
         if method == b"GET" and path.endswith("/v1/models"):
             return self._json(request, 200, {"data": [
                 {"type": "model", "id": "fake-model", "display_name": "Fake model",
@@ -371,18 +581,34 @@ class FakeUpstream(resource.Resource):
         input_tokens = _int_header(request, "x-fake-input-tokens", 12)
         if path.endswith("/count_tokens"):
             return self._json(request, 200, {"input_tokens": input_tokens})
+        if scenario.startswith("limit:"):
+            return self._fixture(request, scenario[len("limit:"):])
+        if self.limit_answer:
+            return self._fixture(request, self.limit_answer)
         if self.limit_tokens is not None and self.tokens_served >= self.limit_tokens:
             scenario = "rate-limit" if self.limit_code == "429" else f"zai-{self.limit_code}"
         if scenario in ("zai-1308", "zai-1310"):
             return self._zai_limit(request, scenario)
         if scenario == "overloaded" or self.overloaded:
             return self._overloaded(request)
+        asked_unified = request.getHeader("x-fake-unified")
+        if asked_unified is not None or self.unified is not None:
+            try:
+                spec = parse_unified(asked_unified) if asked_unified is not None else self.unified
+                headers = unified_headers(spec, self.reactor.seconds())
+            except ValueError as e:
+                return self._error(request, 400, "invalid_request_error",
+                                   f"fake: x-fake-unified or fake.unified: {e}")
+            if headers[UNIFIED + "status"] == "rejected":
+                return self._send(request, unified_rejection(headers, self.reactor.seconds()))
+            for name, value in headers.items():
+                request.setHeader(name, value)
         status = 429 if scenario == "rate-limit" else _int_header(request, "x-fake-status", 200)
         if status >= 400:
             error_type = request.getHeader("x-fake-error-type") or _ERROR_TYPES.get(
                 status, "api_error")
             if status == 429:
-                reset = datetime.now(timezone.utc) + timedelta(seconds=30)
+                reset = datetime.fromtimestamp(self.reactor.seconds() + 30, timezone.utc)
                 request.setHeader("retry-after", "30")
                 request.setHeader("anthropic-ratelimit-tokens-reset",
                                   reset.strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -504,9 +730,48 @@ class FakeUpstream(resource.Resource):
             request.write(data[start:start + third])
         request.finish()
 
+    def _fixture(self, request, name: str) -> None:
+        shift = 0
+        if self.relative_limit_times:
+            shift = round(self.reactor.seconds() - _load(LIMIT_FIXTURES)["now"])
+        try:
+            answer = fixture_answer(name, shift)
+        except KeyError as e:
+            return self._error(request, 400, "invalid_request_error", f"fake: {e.args[0]}")
+        return self._send(request, answer)
+
+    def _quota(self, request) -> None:
+        mode = self.quota_mode
+        if mode == "hang":
+            return None
+        if mode is None:
+            return self._json(request, 200, quota_answer(self.quota, self.reactor.seconds()))
+        if mode == "not-json":
+            return self._send(request, Canned(200, {"content-type": "text/html"},
+                                              QUOTA_NOT_JSON))
+        answers = {"error": (500, QUOTA_ERROR), "unauthorized": (401, QUOTA_UNAUTHORIZED),
+                   "expired": (200, QUOTA_EXPIRED),
+                   "no-limits": (200, {"code": 200, "msg": "Operation successful", "data": {},
+                                       "success": True})}
+        if mode not in answers:
+            return self._json(request, 400, {"code": 400, "success": False,
+                                             "msg": f"fake: quota_mode {mode!r} is not one of "
+                                                    f"{QUOTA_MODES}"})
+        return self._json(request, *answers[mode])
+
+    def _send(self, request, answer: Canned) -> None:
+        request.setResponseCode(answer.status)
+        for name, value in answer.headers.items():
+            request.setHeader(name, value)
+        request.setHeader("content-length", str(len(answer.body)))
+        request.write(answer.body)
+        request.finish()
+
     def _zai_limit(self, request, scenario: str) -> None:
         code, what = ("1308", "5 hour") if scenario == "zai-1308" else ("1310", "weekly")
-        reset = (datetime.now(timezone(timedelta(hours=8))) + timedelta(minutes=30))
+        # dated by the fake's clock (the wall clock on a real reactor), in Z.AI's zone
+        reset = datetime.fromtimestamp(self.reactor.seconds() + 30 * 60,
+                                       timezone(timedelta(hours=8)))
         self._json(request, 429, {"error": {
             "code": code,
             "message": f"Usage limit reached for {what}. Your limit will reset at "

@@ -18,6 +18,7 @@ from ccpd import jsonparse
 from ccpd.quotas import QuotaError
 from ccpd.store import queries
 from ccpd.usage import TokenUsage
+from ccpd.web import views
 from ccpd.web.errors import error_response
 from ccpd.web.guard import Guard
 from ccpd.web.proxy import Proxy
@@ -117,11 +118,11 @@ class CcpdApp:
 
     @app.route("/v1/usage", methods=["GET"])
     def usage(self, request):
-        return _json(request, self.governor.usage_view())
+        return _json(request, views.usage_view(self.governor, self.clock.seconds()))
 
     @app.route("/v1/quotas", methods=["GET"])
     def quotas(self, request):
-        return _json(request, self.governor.quotas_view())
+        return _json(request, views.quotas_view(self.governor))
 
     @app.route("/v1/quotas/reload", methods=["POST"])
     def reload_quotas(self, request):
@@ -133,7 +134,7 @@ class CcpdApp:
             log.warn("quota reload refused, old quotas kept: {error}", error=str(e))
             return error_response(request, 400, "invalid_request_error",
                                   f"quotas not reloaded, the old ones stay: {e}")
-        return _json(request, {"reloaded": True, **self.governor.quotas_view()})
+        return _json(request, {"reloaded": True, **views.quotas_view(self.governor)})
 
     @app.route("/v1/usage/sim", methods=["POST"])
     def simulate_usage(self, request):
@@ -144,10 +145,11 @@ class CcpdApp:
         except ValueError as e:
             return error_response(request, 400, "invalid_request_error", str(e))
         model = sim.pop("model")
-        self.governor.account(model, TokenUsage(**sim["tokens"]), seconds=sim["seconds"],
+        lane = self.config.route_for(model).lane  # as if its preferred lane had served it
+        self.governor.account(model, lane, TokenUsage(**sim["tokens"]), seconds=sim["seconds"],
                               stream_seconds=sim["seconds"], ttft_seconds=None)
         return _json(request, {"model": model,
-                               **self.governor.model_view(model, self.clock.seconds())})
+                               **views.model_view(self.governor, model, self.clock.seconds())})
 
     @app.route("/v1/usage/samples", methods=["GET"])
     async def usage_samples(self, request):
@@ -202,18 +204,21 @@ class CcpdApp:
     @app.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self, request):
         results = await defer.gatherResults([lane.probe() for lane in self.lanes])
+        unusable = self.governor.evidence.unusable  # an account problem: up, but cannot serve
         lanes = {}
         for result in results:
             self.metrics.lane_up.labels(result.lane).set(1 if result.up else 0)
             lanes[result.lane] = {"up": result.up, "status": result.status,
-                                  "error": result.error, "checked_at": result.checked_at}
+                                  "error": result.error, "checked_at": result.checked_at,
+                                  "usable": result.lane not in unusable,
+                                  "unusable_reason": unusable.get(result.lane)}
         ready = all(result.up for result in results)
         request.setResponseCode(200 if ready else 503)
         request.responseHeaders.setRawHeaders(b"content-type", _JSON)
         logs = self.recorder.log_health()
-        # A log the disk refuses degrades ccpd (lines wait in memory) but it still serves.
+        # A log the disk refuses, or a lane that cannot serve, degrades ccpd; it still serves.
         body = {"ready": ready, "lanes": lanes, "logs": logs,
-                "degraded": not all(state["ok"] for state in logs.values())}
+                "degraded": bool(unusable) or not all(state["ok"] for state in logs.values())}
         if not ready:
             body["failing"] = sorted(name for name, lane in lanes.items() if not lane["up"])
         return json.dumps(body).encode("utf-8")

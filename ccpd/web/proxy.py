@@ -18,7 +18,8 @@ from twisted.web.http import PotentialDataLoss
 
 from ccpd import jsonparse
 from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
-from ccpd.policy import BLOCKED, Decision, limit_window
+from ccpd.limits import LimitAnswer, classify
+from ccpd.policy import BLOCKED, Decision
 from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
                         usage_from_headers, usage_from_json)
 from ccpd.web.errors import error_response, sse_error_event
@@ -56,6 +57,7 @@ class Exchange:
     decision: Decision | None = None
     sent_model: str = ""       # the model the serving lane was asked for (after a rewrite)
     wasted_retry_ms: int = 0
+    limit_class: str | None = None  # the class of a limit answer from the preferred lane
     policy_fields: dict = field(default_factory=dict)  # quota and decision fields of the line
 
     def anomaly(self, kind: str, detail: str, **extra) -> None:
@@ -83,7 +85,7 @@ class Exchange:
             dirty_ms=ms(self.started, self.finished_at),
             err_type=self.err_type, upstream=self.upstream, reroute_mode=reroute_mode,
             wasted_retry_ms=self.wasted_retry_ms, header_mode=self.header_mode,
-            upstream_model=self.sent_model,
+            upstream_model=self.sent_model, limit_class=self.limit_class,
             **self.policy_fields,
         )
 
@@ -98,15 +100,6 @@ def _with_model(body: bytes, payload: dict | None, model: str) -> bytes:
     if payload is None or payload.get("model") == model:
         return body
     return json.dumps({**payload, "model": model}).encode("utf-8")
-
-
-def _error_message(body: bytes) -> str | None:
-    try:
-        error = jsonparse.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return None
-    message = error.get("message") if isinstance(error, dict) else None
-    return message if isinstance(message, str) else None
 
 
 class _Relay(Protocol):
@@ -154,7 +147,7 @@ class _HeldLimitAnswer:
 
     response: object
     body: bytes
-    error_type: str | None
+    answer: LimitAnswer
 
 
 class Proxy:
@@ -188,8 +181,8 @@ class Proxy:
             if op == "messages" and exchange.status != 0:
                 try:
                     self._account(exchange)
-                    exchange.policy_fields = self.governor.usage_fields(exchange.model,
-                                                                        exchange.decision)
+                    exchange.policy_fields = self.governor.usage_fields(
+                        exchange.model, exchange.lane, exchange.decision)
                 except Exception:  # noqa: BLE001 - the usage line must be written regardless
                     log.failure("quota accounting failed for {rid}", rid=exchange.rid)
             self.recorder.record(exchange)
@@ -266,16 +259,15 @@ class Proxy:
         if not isinstance(result, _HeldLimitAnswer):
             return result
         wasted = self.clock.seconds() - attempt_started
-        headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
-                   for name, values in result.response.headers.getAllRawHeaders()}
-        reroute = self.governor.after_limit(route, lane, result.response.code, result.error_type,
-                                            headers, _error_message(result.body), wasted)
+        answer = result.answer
+        exchange.limit_class = answer.label
+        reroute = self.governor.after_limit(route, lane.name, answer, wasted)
         if reroute is None:
             return self._send_held(request, result, exchange)
         exchange.anomaly("upstream_limit", f"lane {lane.name!r} answered with a limit "
-                         f"({result.error_type or result.response.code}); rerouted to "
+                         f"({answer.label}, {answer.code or result.response.code}); rerouted to "
                          f"{reroute.lane}/{reroute.model}", status=result.response.code,
-                         lane=lane.name)
+                         lane=lane.name, limit_class=answer.label)
         exchange.decision = reroute
         exchange.wasted_retry_ms = round(wasted * 1000)
         exchange.sent_model = reroute.model
@@ -301,7 +293,8 @@ class Proxy:
 
         span = exchange.span
         self.governor.account(
-            exchange.sent_model, usage, seconds=span(exchange.started, exchange.finished_at),
+            exchange.sent_model, exchange.lane, usage,
+            seconds=span(exchange.started, exchange.finished_at),
             stream_seconds=span(exchange.first_byte_at, exchange.last_byte_at),
             ttft_seconds=(span(exchange.started, exchange.first_token_at)
                           if exchange.first_token_at else None))
@@ -336,6 +329,7 @@ class Proxy:
         finally:
             if timer.active():
                 timer.cancel()
+        self.governor.observe_answer(lane.name, response.code, response.headers)
         if hold_limit and response.code >= 400 and not _is_sse(response):
             return await self._hold(request, lane, response, exchange)
         return await self._relay(request, lane, response, exchange)
@@ -345,7 +339,6 @@ class Proxy:
         chunks: list[bytes] = []
         relay = _Relay(chunks.append, self.clock, lane.config.idle_timeout_s)
         response.deliverBody(relay)
-        broken = False
         try:
             await relay.done
         except defer.CancelledError:
@@ -353,9 +346,13 @@ class Proxy:
         except Exception as e:  # noqa: BLE001 - same as a failure before the answer
             return self._failed(request, exchange, 502, "api_error",
                                 f"lane {lane.name!r} broke off its answer: {describe_failure(e)}")
-        held = _HeldLimitAnswer(response, b"".join(chunks), None)
-        held.error_type = usage_from_json(held.body)[2]
-        if limit_window(response.code, held.error_type):
+        body = b"".join(chunks)
+        headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+                   for name, values in response.headers.getAllRawHeaders()}
+        answer = classify(response.code, headers, body, self.clock.seconds(),
+                          lane.config.reset_tzinfo, lane.config.auth.kind != "passthrough")
+        held = _HeldLimitAnswer(response, body, answer)
+        if answer.kind is not None:
             return held
         return self._send_held(request, held, exchange)
 

@@ -108,7 +108,7 @@ PROG = "glm-limit-probe"
 # ccpd's own (stdlib-only) readers of limit answers, so the probe reads them as ccpd does
 sys.path.insert(0, repo_root)
 from ccpd.config import utc_offset  # noqa: E402
-from ccpd.policy import limit_window, observed_reset  # noqa: E402
+from ccpd.limits import classify  # noqa: E402
 repeat, tokens, timeout = int(repeat), int(tokens), float(timeout)
 
 COLUMNS = ("timestamp", "vendor", "model", "repeat", "tokens", "first_429_index",
@@ -236,8 +236,9 @@ for index in range(1, repeat + 1):
         continue
     error = error_of(body)
     message = str(error.get("message") or "")
-    kind = limit_window(status, str(error.get("code") or error.get("type") or "") or None)
-    if kind is None:
+    now = time.time()
+    answer = classify(status, headers, body, now, RESET_TZ)
+    if answer.kind is None:
         fail(f"request {index} got HTTP {status} ({error.get('type') or error.get('code')}: "
              f"{message or body[:200]!r}), not a limit answer; no row written", code=1)
     if message.startswith("ccpd:"):
@@ -245,9 +246,12 @@ for index in range(1, repeat + 1):
                 f"({message}) - raise the model's quota in quotas.json to probe the provider")
         kind = None
         break
+    kind = answer.quota_window
+    if kind is None:
+        fail(f"request {index} got a {answer.label} answer (HTTP {status}, {answer.code}), "
+             f"not a plan window's limit; no row written", code=1)
     first_limit = index
-    now = time.time()
-    reset = observed_reset(headers, message, now, RESET_TZ)
+    reset = answer.reset_at
     window = before.get(kind) or {}
     limit = window.get("limit_tokens")
     used, headroom = window.get("used_tokens"), window.get("headroom_tokens")

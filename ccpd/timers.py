@@ -1,0 +1,68 @@
+"""The periodic jobs of the quota engine, each a timer service of its own: the calibration
+sampler and the watcher of the GLM probe results file. A failing tick is logged and the next
+one still runs (a bare LoopingCall stops for good after one exception)."""
+from __future__ import annotations
+
+import os
+
+from twisted.application.internet import TimerService
+from twisted.logger import Logger
+
+from ccpd.calibration import Calibration, read_probe_results
+
+log = Logger()
+
+
+class _Timer(TimerService):
+    def __init__(self, interval_s: float, clock=None):
+        super().__init__(interval_s, self._safe_tick)
+        if clock is not None:
+            self.clock = clock
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception:  # noqa: BLE001 - keep ticking whatever one tick did
+            log.failure("{name} failed", name=self.name)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class CalibrationSampler(_Timer):
+    """Runs :meth:`Governor.sample` every ``interval_s``."""
+
+    name = "calibration-sampler"
+
+    def __init__(self, governor, interval_s: float, clock=None):
+        super().__init__(interval_s, clock)
+        self.governor = governor
+
+    def tick(self) -> None:
+        self.governor.sample()
+
+
+class ProbeResultsWatcher(_Timer):
+    """Reads the GLM probe results file (``[calibration] probe_results``) into the
+    calibration whenever it is new or changed; a missing file is simply not there yet."""
+
+    name = "probe-results-watcher"
+
+    def __init__(self, path: str, calibration: Calibration, interval_s: float, clock=None):
+        super().__init__(interval_s, clock)
+        self.path = path
+        self.calibration = calibration
+        self._mtime: float | None = None
+
+    def tick(self) -> int:
+        """Rows used (0 when the file is missing or unchanged)."""
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            return 0
+        if mtime == self._mtime:
+            return 0
+        self._mtime = mtime
+        used = self.calibration.set_probe_rows(read_probe_results(self.path))
+        log.info("calibration: {rows} samples from {path}", rows=used, path=self.path)
+        return used
