@@ -8,6 +8,7 @@ answer is logged and counted, never stops the poller and never reaches a client.
 """
 from __future__ import annotations
 
+import math
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -31,12 +32,30 @@ class QuotaAnswerError(ValueError):
     """An answer of the quota endpoint that cannot be read."""
 
 
+def _finite(value) -> float | None:
+    """A JSON number that is a real, finite number (not a bool, NaN or Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _window(limit: dict) -> str | None:
+    key = (limit.get("type"), limit.get("unit"), limit.get("number"))
+    if not all(isinstance(part, (str, int, type(None))) for part in key):
+        return None  # e.g. "unit": [3]: not one of Z.AI's windows
+    return _ZAI_WINDOWS.get(key) or _ZAI_WINDOWS.get((key[0], key[1], None))
+
+
 def parse_zai_quota(body: bytes, lane: str, now: float) -> list[Reading]:
     """The window readings in one answer of Z.AI's quota endpoint."""
     try:
         answer = jsonparse.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise QuotaAnswerError(f"not JSON: {e}") from None
+    if isinstance(answer, dict) and (answer.get("success") is False
+                                     or answer.get("code") not in (None, 200)):
+        # Z.AI answers a wrong or expired key with HTTP 200 and {"code": 401, "msg": ...}
+        raise QuotaAnswerError(f"code {answer.get('code')}: {str(answer.get('msg'))[:100]}")
     limits = answer.get("data", {}).get("limits") if isinstance(answer, dict) and isinstance(
         answer.get("data"), dict) else None
     if not isinstance(limits, list):
@@ -45,19 +64,20 @@ def parse_zai_quota(body: bytes, lane: str, now: float) -> list[Reading]:
     for limit in limits:
         if not isinstance(limit, dict):
             continue
-        window = (_ZAI_WINDOWS.get((limit.get("type"), limit.get("unit"), limit.get("number")))
-                  or _ZAI_WINDOWS.get((limit.get("type"), limit.get("unit"), None)))
-        percentage, reset_ms = limit.get("percentage"), limit.get("nextResetTime")
-        if window is None or isinstance(percentage, bool) or not isinstance(
-                percentage, (int, float)):
+        window, percentage = _window(limit), _finite(limit.get("percentage"))
+        if window is None or percentage is None:
             continue
-        reset_at = reset_ms / 1000.0 if isinstance(reset_ms, (int, float)) and not isinstance(
-            reset_ms, bool) and reset_ms > 0 else None
+        reset_ms = _finite(limit.get("nextResetTime"))
+        reset_at = reset_ms / 1000.0 if reset_ms is not None and reset_ms > 0 else None
         readings.append(Reading(lane, window, max(0.0, percentage / 100.0), reset_at, None, now,
                                 "poll"))
     if not readings:
         raise QuotaAnswerError("no token window in data.limits")
     return readings
+
+
+def _timed_out(result, timeout):
+    raise QuotaAnswerError(f"no answer within {timeout:g}s")
 
 
 class QuotaPoller(service.Service):
@@ -73,14 +93,21 @@ class QuotaPoller(service.Service):
         self.clock = clock
         self.on_readings = on_readings  # called with the readings of each good poll
         self._loops: list[task.LoopingCall] = []
+        self._polls: set[defer.Deferred] = set()
 
     def startService(self):
         super().startService()
         for lane in self.lanes:
-            loop = task.LoopingCall(lambda lane=lane: defer.ensureDeferred(self.poll(lane)))
+            loop = task.LoopingCall(self._start_poll, lane)
             loop.clock = self.clock
             loop.start(lane.config.quota_poll, now=True)
             self._loops.append(loop)
+
+    def _start_poll(self, lane) -> defer.Deferred:
+        poll = defer.ensureDeferred(self.poll(lane))
+        self._polls.add(poll)
+        poll.addBoth(lambda result: (self._polls.discard(poll), result)[1])
+        return poll
 
     def stopService(self):
         super().stopService()
@@ -88,6 +115,8 @@ class QuotaPoller(service.Service):
             if loop.running:
                 loop.stop()
         self._loops = []
+        for poll in list(self._polls):  # a poll in flight stores nothing after the stop
+            poll.cancel()
 
     @staticmethod
     async def _fetch(lane, url: str, headers: Headers) -> tuple[int, bytes]:
@@ -103,24 +132,28 @@ class QuotaPoller(service.Service):
                                b"accept": [b"application/json"],
                                b"user-agent": [b"ccpd-quota-poll"]})
             fetching = defer.ensureDeferred(self._fetch(lane, url, headers))
-            code, body = await fetching.addTimeout(POLL_TIMEOUT_S, self.clock)
+            code, body = await fetching.addTimeout(POLL_TIMEOUT_S, self.clock,
+                                                   onTimeoutCancel=_timed_out)
             if code != 200:
                 raise QuotaAnswerError(f"HTTP {code}")
             if len(body) > _MAX_ANSWER_BYTES:
                 raise QuotaAnswerError(f"answer of {len(body)} bytes")
             readings = parse_zai_quota(body, lane.name, self.clock.seconds())
+        except defer.CancelledError:
+            return []  # the service stopped
         except Exception as e:  # noqa: BLE001 - every failure is logged and counted alike
-            if isinstance(e, defer.TimeoutError):
-                reason = f"no answer within {POLL_TIMEOUT_S:g}s"
-            elif isinstance(e, (QuotaAnswerError, MissingCredential)):
-                reason = str(e)
-            else:
-                reason = describe_failure(e)
+            reason = (str(e) if isinstance(e, (QuotaAnswerError, MissingCredential))
+                      else describe_failure(e))
             self.metrics.quota_poll_errors.labels(lane.name).inc()
             log.warn("quota poll of lane {lane} failed: {reason}", lane=lane.name, reason=reason)
             return []
-        for reading in readings:
-            self.evidence.put(reading)
-        if self.on_readings is not None:
-            self.on_readings(readings)
+        try:
+            for reading in readings:
+                self.evidence.put(reading)
+            if self.on_readings is not None:
+                self.on_readings(readings)
+        except Exception:  # noqa: BLE001 - polling goes on whatever the consumer did
+            self.metrics.quota_poll_errors.labels(lane.name).inc()
+            log.failure("the readings of lane {lane}'s quota poll could not be used",
+                        lane=lane.name)
         return readings

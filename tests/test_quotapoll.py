@@ -4,7 +4,6 @@ never the end of polling); then the parser of the answer on its own."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -140,7 +139,7 @@ def test_the_poll_repeats_every_quota_poll_seconds_until_the_service_stops(harne
     ("not-json", "not JSON"),
     ("no-limits", "no data.limits"),
     ("unauthorized", "HTTP 401"),
-    ("expired", "no data.limits"),  # Z.AI's HTTP 200 with {"code": 401, ...}
+    ("expired", "code 401: token expired"),  # Z.AI's HTTP 200 with {"code": 401, ...}
 ])
 def test_a_failed_poll_is_counted_and_logged_and_polling_goes_on(harness, warnings, mode,
                                                                   reason):
@@ -170,9 +169,7 @@ def test_a_hanging_answer_times_out_on_the_clock_and_counts_as_an_error(harness,
     harness.advance(0.5)
     assert harness.errors() == 1
     assert_logged_without_the_key(warnings, "quota poll of lane zai failed")
-    # quotapoll words it "no answer within 10s" when the timeout's own error arrives; a
-    # request cancelled before its headers fails as "timed out" (ResponseNeverReceived)
-    assert re.search(r"timed out|no answer within 10s", formatEvent(warnings[0]))
+    assert "no answer within 10s" in formatEvent(warnings[0])
     assert harness.fake.in_flight == 0  # the request was given up, not left open
     assert harness.quota_requests()[0].outcome == "cancelled"
 
@@ -207,9 +204,6 @@ def test_only_lanes_with_a_quota_url_are_polled(harness):
     poller.stopService()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: an exception in on_readings escapes poll() and stops the "
-                          "LoopingCall for good")
 def test_a_failing_reading_consumer_does_not_stop_the_polling(warnings):
     def consumer(readings):
         raise RuntimeError("the governor broke")
@@ -281,7 +275,10 @@ def test_missing_or_odd_reset_times_give_no_reset():
     (b"[1, 2]", "no data.limits"),
     (b'{"code": 200, "data": {}}', "no data.limits"),
     (b'{"code": 200, "data": {"limits": {}}}', "no data.limits"),
-    (b'{"code": 401, "msg": "token expired or incorrect", "success": false}', "no data.limits"),
+    (b'{"code": 401, "msg": "token expired or incorrect", "success": false}',
+     "code 401: token expired or incorrect"),
+    (b'{"code": 200, "data": {"limits": [{"type": "TOKENS_LIMIT", "unit": 3, "number": 5, '
+     b'"percentage": NaN}]}}', "no token window"),
     (b"[" * 100000, "not JSON"),
 ])
 def test_unreadable_answers_are_quota_answer_errors(body, reason):
@@ -289,8 +286,6 @@ def test_unreadable_answers_are_quota_answer_errors(body, reason):
         parse_zai_quota(body, "zai", NOW)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: an unhashable type/unit/number raises TypeError, not ignored")
 def test_an_entry_with_an_unhashable_unit_is_ignored():
     body = answer({"type": "TOKENS_LIMIT", "unit": [3], "number": 5, "percentage": 1},
                   tokens(6, 1, 20))
