@@ -234,6 +234,8 @@ def _columns(speeds: bool, rolling_title: str):
         ("GAP p50", True, lambda name, m: fmt_seconds(m.get("gap_seconds_p50"))),
         ("GAP p95", True, lambda name, m: fmt_seconds(m.get("gap_seconds_p95"))),
         ("GAPS", True, lambda name, m: fmt_count(m.get("gap_samples"))),
+        ("PROVIDER 5h", True, lambda name, m: fmt_provider(m, "five_hour")),
+        ("7d", True, lambda name, m: fmt_provider(m, "seven_day")),
     ]
     if speeds:
         sp = lambda m: _obj(m.get("speeds"))  # noqa: E731
@@ -245,6 +247,42 @@ def _columns(speeds: bool, rolling_title: str):
             ("TTFT p50", True, lambda name, m: fmt_ms(sp(m).get("ttft_ms_p50"))),
         ]
     return cols
+
+
+def fmt_provider(m: dict, window: str) -> str:
+    """The provider's own figure for a window of the model's lane: ``85%``."""
+    utilization = _num(_obj(_obj(m.get("provider")).get(window)).get("utilization"))
+    return DASH if utilization is None else _pct_number(100 * utilization)
+
+
+def format_lanes(lanes: dict) -> str:
+    """One line per lane the providers said something about: their figures per window, the
+    limit those imply ("learned limit"), and a lane that cannot serve."""
+    out = []
+    for name in sorted(lanes):
+        lane = _obj(lanes[name])
+        provider = _obj(lane.get("provider"))
+        parts = []
+        for window, reading in sorted(_obj(provider.get("windows")).items()):
+            reading = _obj(reading)
+            status = _text(reading.get("status"))
+            figure = (status.upper() if status == "rejected" else
+                      fmt_headroom(100 * _num(reading.get("utilization")))
+                      if _num(reading.get("utilization")) is not None else DASH)
+            parts.append(f"{window} {figure}, resets in "
+                         f"{human_duration(reading.get('reset_in_sec'))} "
+                         f"({_text(reading.get('source')) or DASH}, "
+                         f"{human_duration(reading.get('age_sec'))} ago)")
+        for window, learned in sorted(_obj(lane.get("learned_limits")).items()):
+            learned = _obj(learned)
+            parts.append(f"learned limit {window} {human_tokens(learned.get('tokens'))} tokens "
+                         f"(confidence {_num(learned.get('confidence')) or 0:.2f}, "
+                         f"{fmt_count(learned.get('samples'))} samples)")
+        if lane.get("usable") is False:
+            parts.append(f"UNUSABLE: {_text(lane.get('unusable_reason')) or DASH}")
+        if parts:
+            out.append(f"{name}: " + "; ".join(parts))
+    return "\n".join(out)
 
 
 def _rolling_title(models: dict) -> str:
@@ -335,6 +373,9 @@ def format_status(body: dict, speeds: bool = False, debug: bool = False, colour:
         out.append("no models seen yet")
         return "\n".join(out)
     out.append(format_table(models, speeds=speeds, colour=colour))
+    lanes = format_lanes(_obj(body.get("lanes")))
+    if lanes:
+        out += ["", "lanes (what the providers report):", lanes]
     if debug:
         out += ["", "quota policy:", "", format_debug(models)]
     return "\n".join(out)

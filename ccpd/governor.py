@@ -27,7 +27,7 @@ log = Logger()
 
 UNIFIED_STATUS = b"anthropic-ratelimit-unified-status"
 _UNIFIED_PREFIX = b"anthropic-ratelimit-unified-"
-_SAVE_READING_EVERY_S = 60.0   # a window's reading is written to the store at most this often
+_SAVE_READING_EVERY_S = 60.0   # an unchanged window's reading is written at most this often
 _LEARN_EVERY_S = 60.0          # and learned from at most this often
 _STATES = ("ok", "warn", "block")
 
@@ -50,6 +50,14 @@ class Standing:
         return self.state == "block"
 
 
+def _news(saved: Reading | None, reading: Reading) -> bool:
+    """Whether ``reading`` says something the store does not have yet: a new status or reset,
+    a figure that moved by a point or more, or a minute since the last save."""
+    return (saved is None or saved.status != reading.status or saved.reset_at != reading.reset_at
+            or abs((saved.utilization or 0.0) - (reading.utilization or 0.0)) >= 0.01
+            or reading.observed_at - saved.observed_at >= _SAVE_READING_EVERY_S)
+
+
 class Governor:
     def __init__(self, config: Config, quotas: Quotas | dict, metrics: Metrics, clock,
                  keep=None):
@@ -68,7 +76,7 @@ class Governor:
         self.quotas_loaded_at = clock.seconds()
         self.max_age = config.routing.provider_max_age
         self.block_at = config.routing.block_at
-        self._saved_at: dict[tuple[str, str], float] = {}
+        self._saved: dict[tuple[str, str], Reading] = {}
         self._learned_at: dict[tuple[str, str], float] = {}
 
     def restore(self, cooldowns: dict[str, float], usage_rows, readings=()) -> None:
@@ -207,9 +215,8 @@ class Governor:
         for reading in readings:
             key = (reading.lane, reading.window)
             self._reading_gauges(reading)
-            if self.keep is not None and reading.observed_at - self._saved_at.get(
-                    key, -math.inf) >= _SAVE_READING_EVERY_S:
-                self._saved_at[key] = reading.observed_at
+            if self.keep is not None and _news(self._saved.get(key), reading):
+                self._saved[key] = reading
                 self.keep.save_reading(reading)
             ours = QUOTA_WINDOW.get(reading.window)
             if ours and reading.observed_at - self._learned_at.get(key, -math.inf) \

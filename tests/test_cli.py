@@ -58,13 +58,13 @@ def test_rows_show_used_limit_headroom_state_and_calibration(body):
     glm = rows(text)["glm-4.6"]
     # rolling used/limit, headroom, weekly used/limit, headroom, state, warn, gap p50/p95, samples
     assert glm == ["1.6M/2M", "17.5%", "1.6M/20M", "91.8%", "WARN", "80%→74%",
-                   "-420s", "60s", "7"]
+                   "-420s", "60s", "7", "-", "-"]
 
 
 def test_model_without_limit_shows_used_only_and_dashes(body):
     sonnet = rows(format_status(body))["claude-sonnet-4-5"]
     # no limit: just the used count; headroom and gaps unknown; calibration not trusted yet
-    assert sonnet == ["900", "-", "900", "-", "OK", "80%?", "-", "-", "0"]
+    assert sonnet == ["900", "-", "900", "-", "OK", "80%?", "-", "-", "0", "-", "-"]
 
 
 def test_rows_sorted_by_model_name_and_header_line(body):
@@ -131,6 +131,27 @@ def test_speeds_columns_only_with_speeds(body):
     assert rows(text)["claude-sonnet-4-5"][-4:] == ["2", "80.1", "44.0", "300ms"]
 
 
+def test_provider_figures_and_the_lanes_section(body):
+    glm = body["models"]["glm-4.6"]
+    glm["provider"] = {"five_hour": {"utilization": 0.85}, "seven_day": {"utilization": 0.3}}
+    body["lanes"] = {
+        "zai": {"usable": True, "provider": {"windows": {"five_hour": {
+            "utilization": 0.85, "reset_in_sec": 4320, "source": "headers", "age_sec": 12,
+            "status": "allowed_warning"}}},
+            "learned_limits": {"five_hour": {"tokens": 2100000, "samples": 12,
+                                             "confidence": 0.8}}},
+        "anthropic": {"usable": False, "unusable_reason": "account 1113",
+                      "provider": {"windows": {}}, "learned_limits": {}},
+        "quiet": {"usable": True, "provider": {"windows": {}}, "learned_limits": {}}}
+    text = format_status(body)
+    assert rows(text)["glm-4.6"][-2:] == ["85%", "30%"]
+    lanes = text.split("lanes (what the providers report):\n", 1)[1].splitlines()
+    assert lanes == [
+        "anthropic: UNUSABLE: account 1113",
+        "zai: five_hour 85%, resets in 1h12m (headers, 12s ago); learned limit five_hour 2.1M "
+        "tokens (confidence 0.80, 12 samples)"]
+
+
 def test_debug_quota_section(body):
     assert "cooldown ends" not in format_status(body)
     policy = body["models"]["glm-4.6"]["policy"]
@@ -166,8 +187,8 @@ def test_missing_and_odd_fields_print_dashes():
     body = {"models": {"x": {}, "y": {"rolling": "weird", "speeds": None, "policy": 3,
                                       "gap_samples": None, "state": None}}}
     text = format_status(body, speeds=True, debug=True)
-    assert rows(text)["x"] == ["-"] * 13
-    assert rows(text)["y"] == ["-"] * 13
+    assert rows(text)["x"] == ["-"] * 15
+    assert rows(text)["y"] == ["-"] * 15
     assert "reroute -" in text and "cooldown -" in text
 
 
