@@ -189,8 +189,10 @@ class Governor:
                     candidates.append((here, "plan", f"{window.name} plan limit of lane {lane}"
                                                      f": {here}"))
         state, source, reason = max(candidates, key=lambda c: _STATES.index(c[0]))
-        if state == "ok":
-            source = "none" if len(candidates) == 1 and model_state.quota is None else source
+        if state == "ok":  # all clear: name the best evidence that says so
+            source = ("provider" if covered or self.provider_readings(lane, now) else
+                      "plan" if lane in self.plans.quotas else
+                      "model" if model_state.quota is not None else "none")
             reason = ""
         return Standing(state, source, reason, model_state.predicted_need)
 
