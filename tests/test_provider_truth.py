@@ -16,7 +16,9 @@ import pytest_twisted
 import treq
 from twisted.internet.threads import deferToThread
 
-from tests.support import MESSAGE, post
+from ccpd.config import config_from_string
+from ccpd.tap import build_service
+from tests.support import MESSAGE, ZAI_SECRET, ccpd_ini, post, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,3 +175,53 @@ async def test_a_concurrency_limit_reroutes_once_without_a_cooldown(tmp_path, st
     assert solo.code == 200 and overloaded.code == 429  # Z.AI's 1305 comes as a 429
     assert json.loads(await overloaded.content())["error"]["type"] == "1305"  # untouched
     assert ccpd.metric("ccp_limit_answers_total", lane="zai", **{"class": "overloaded"}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_providers_headers_reach_the_client_untouched(tmp_path, start_ccpd, make_fake):
+    anthropic, zai = make_fake(), make_fake()
+    zai.unified = {"5h": 0.5, "7d": 0.2}
+    ccpd = await start_ccpd(anthropic.url(), zai_url=zai.url())
+    through = await post(ccpd.url + "/v1/messages", GLM)
+    await through.content()
+    direct = await post(zai.url() + "/v1/messages", GLM)
+    await direct.content()
+
+    def limit_headers(response):
+        return {name: values for name, values in response.headers.getAllRawHeaders()
+                if name.lower().startswith((b"anthropic-ratelimit-", b"retry-after"))}
+
+    assert len(limit_headers(direct)) == 11
+    assert limit_headers(through) == limit_headers(direct)
+
+    zai.unified, zai.limit_answer = None, "anthropic_unified_rejected_five_hour"
+    solo = await post(ccpd.url + "/v1/messages", {**GLM, "model": "glm-solo"})  # no secondary
+    body = await solo.content()
+    direct = await post(zai.url() + "/v1/messages", GLM)
+    assert (solo.code, body) == (429, await direct.content())
+    assert limit_headers(solo) == limit_headers(direct)  # retry-after and resets included
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lane_with_quota_url_is_polled_with_its_key(tmp_path, make_fake):
+    from twisted.internet import reactor
+    anthropic, zai = make_fake(), make_fake()
+    zai.quota = {"five_hour": 37, "weekly": 12}
+    text = ccpd_ini(tmp_path, anthropic.url(), zai_url=zai.url()).replace(
+        "reset_tz = +08:00", "reset_tz = +08:00\nquota_url = /api/monitor/usage/quota/limit")
+    service = build_service(config_from_string(text, "t.ini", environ={}), reactor,
+                            {"ZAI_TEST_KEY": ZAI_SECRET})
+    service.startService()
+    try:
+        port = (await service.web._waitingForPort).getHost().port
+        evidence = service.app.governor.evidence
+        await until(lambda: ("zai", "weekly") in evidence.readings)  # polled at start
+        [poll] = [r for r in zai.requests if r.path == "/api/monitor/usage/quota/limit"]
+        assert poll.headers["authorization"] == f"Bearer {ZAI_SECRET}"
+        lane = (await get_json(f"http://127.0.0.1:{port}/v1/usage"))["lanes"]["zai"]
+        windows = lane["provider"]["windows"]
+        assert (windows["five_hour"]["utilization"], windows["five_hour"]["source"]) == \
+            (0.37, "poll")
+        assert windows["weekly"]["utilization"] == 0.12
+    finally:
+        await service.stopService()
