@@ -273,6 +273,7 @@ async def test_metrics_pass_promtool_after_every_kind_of_traffic(tmp_path, start
         pytest.skip("promtool is not installed (Debian package 'prometheus')")
     write_quotas(tmp_path, **{"glm-4.6": {"rolling_limit_tokens": 10, "warn_pct": 0.5}})
     ccpd, anthropic, zai = await start_pair(start_ccpd, make_fake, "hybrid", limit_tokens=0)
+    anthropic.unified = {"5h": 0.3, "7d": 0.1}  # the provider's own figures, on every answer
     await (await post(ccpd.url + "/v1/messages", GLM)).content()                  # rerouted
     await (await post(ccpd.url + "/v1/messages", {**MESSAGE, "stream": True})).content()
     await (await treq.get(ccpd.url + "/readyz")).content()
@@ -284,5 +285,6 @@ async def test_metrics_pass_promtool_after_every_kind_of_traffic(tmp_path, start
     for name in ("ccp_requests_total", "ccp_tokens_total", "ccp_quota_headroom_ratio",
                  "ccp_rerouted_on_limit_total", "ccp_wasted_retry_seconds_total",
                  "ccp_store_writes_total", "ccp_rollup_duration_seconds_count",
-                 "ccp_store_size_bytes", "ccp_lane_up"):
+                 "ccp_store_size_bytes", "ccp_lane_up", "ccp_provider_utilization_ratio",
+                 "ccp_provider_reset_timestamp_seconds", "ccp_limit_answers_total"):
         assert name in text
