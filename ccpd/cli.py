@@ -235,7 +235,7 @@ def _columns(speeds: bool, rolling_title: str):
         ("GAP p95", True, lambda name, m: fmt_seconds(m.get("gap_seconds_p95"))),
         ("GAPS", True, lambda name, m: fmt_count(m.get("gap_samples"))),
         ("PROVIDER 5h", True, lambda name, m: fmt_provider(m, "five_hour")),
-        ("7d", True, lambda name, m: fmt_provider(m, "seven_day")),
+        ("7d", True, lambda name, m: fmt_provider(m, "seven_day", "weekly")),
     ]
     if speeds:
         sp = lambda m: _obj(m.get("speeds"))  # noqa: E731
@@ -249,10 +249,15 @@ def _columns(speeds: bool, rolling_title: str):
     return cols
 
 
-def fmt_provider(m: dict, window: str) -> str:
-    """The provider's own figure for a window of the model's lane: ``85%``."""
-    utilization = _num(_obj(_obj(m.get("provider")).get(window)).get("utilization"))
-    return DASH if utilization is None else _pct_number(100 * utilization)
+def fmt_provider(m: dict, *windows: str) -> str:
+    """The provider's own figure for a window of the model's lane (the first of ``windows``
+    it reports: Anthropic's ``seven_day`` is Z.AI's ``weekly``): ``85%``."""
+    provider = _obj(m.get("provider"))
+    for window in windows:
+        utilization = _num(_obj(provider.get(window)).get("utilization"))
+        if utilization is not None:
+            return _pct_number(100 * utilization)
+    return DASH
 
 
 def format_lanes(lanes: dict) -> str:

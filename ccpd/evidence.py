@@ -11,10 +11,13 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from ccpd.limits import FIVE_HOUR, SEVEN_DAY, ProviderUtilization
+from ccpd.limits import FIVE_HOUR, SEVEN_DAY, WEEKLY, ProviderUtilization
 
 # ccpd's own quota window that each provider window is a reading of.
-QUOTA_WINDOW = {FIVE_HOUR: "rolling", SEVEN_DAY: "weekly"}
+# (Anthropic reports seven_day; Z.AI's quota endpoint, its weekly window.)
+QUOTA_WINDOW = {FIVE_HOUR: "rolling", SEVEN_DAY: "weekly", WEEKLY: "weekly"}
+_STATES = ("ok", "warn", "block")
+SAVE_EVERY_S = 60.0  # an unchanged window's reading is worth saving at most this often
 # Utilisation below this says too little about the cap to learn it (1 % of 2M tokens = 20k).
 _MIN_LEARNING_UTILIZATION = 0.02
 _CAP_SAMPLES = 64
@@ -39,6 +42,13 @@ class Reading:
         return (self.lane, self.window, self.utilization, self.reset_at, self.status,
                 self.observed_at, self.source)
 
+    def news_since(self, saved: Reading | None) -> bool:
+        """Whether this says something ``saved`` (the last one kept) does not: a new status
+        or reset, a figure that moved by a point or more, or a minute gone by."""
+        return (saved is None or saved.status != self.status or saved.reset_at != self.reset_at
+                or abs((saved.utilization or 0.0) - (self.utilization or 0.0)) >= 0.01
+                or self.observed_at - saved.observed_at >= SAVE_EVERY_S)
+
 
 @dataclass(frozen=True)
 class LearnedLimit:
@@ -51,9 +61,15 @@ class LearnedLimit:
 
 class ProviderEvidence:
     """Per lane: the newest reading of each window, the lane's overall status, whether it can
-    serve at all, and the implied caps learned from readings."""
+    serve at all, and the implied caps learned from readings.
 
-    def __init__(self):
+    A reading is fresh while younger than ``max_age``; a window the provider said is used up
+    (``rejected``) stays so until its reset, however old the word. A lane blocks at
+    ``rejected`` or at a utilisation of ``block_at``."""
+
+    def __init__(self, max_age: float = 600.0, block_at: float = 0.98):
+        self.max_age = max_age
+        self.block_at = block_at
         self.readings: dict[tuple[str, str], Reading] = {}
         self.status: dict[str, tuple[str | None, str | None, float]] = {}  # lane -> (status,
         #                                                      representative claim, observed)
@@ -100,6 +116,34 @@ class ProviderEvidence:
     def lane_readings(self, lane: str, now: float) -> list[Reading]:
         return [reading for (name, window), reading in sorted(self.readings.items())
                 if name == lane and self.reading(lane, window, now) is not None]
+
+    def is_fresh(self, reading: Reading, now: float) -> bool:
+        return reading.age(now) <= self.max_age or (reading.status == "rejected"
+                                                    and reading.reset_at is not None)
+
+    def fresh(self, lane: str, now: float) -> dict[str, Reading]:
+        """The readings of ``lane`` that decisions may use, by provider window."""
+        return {reading.window: reading for reading in self.lane_readings(lane, now)
+                if self.is_fresh(reading, now)}
+
+    def blocks(self, reading: Reading) -> bool:
+        return reading.status == "rejected" or (reading.utilization or 0.0) >= self.block_at
+
+    def judge(self, lane: str, now: float, warn_at: float) -> tuple[str, str, set[str]]:
+        """``(state, reason, ccpd windows covered)`` of ``lane`` from its fresh readings:
+        ``block``, ``warn`` at ``warn_at`` of a window, else ``ok``."""
+        state, reason, covered = "ok", "", set()
+        for window, reading in sorted(self.fresh(lane, now).items()):
+            if window in QUOTA_WINDOW:
+                covered.add(QUOTA_WINDOW[window])
+            here = ("block" if self.blocks(reading) else
+                    "warn" if (reading.utilization or 0.0) >= warn_at else "ok")
+            if _STATES.index(here) > _STATES.index(state):
+                state = here
+                reason = (f"provider reports {window} of lane {lane} " + (
+                    "rejected" if reading.status == "rejected"
+                    else f"at {reading.utilization:.0%}"))
+        return state, reason, covered
 
     # -- lanes that cannot serve -----------------------------------------------------------------
 

@@ -27,9 +27,8 @@ log = Logger()
 
 UNIFIED_STATUS = b"anthropic-ratelimit-unified-status"
 _UNIFIED_PREFIX = b"anthropic-ratelimit-unified-"
-_SAVE_READING_EVERY_S = 60.0   # an unchanged window's reading is written at most this often
 _LEARN_EVERY_S = 60.0          # and learned from at most this often
-_STATES = ("ok", "warn", "block")
+_STATES = ("ok", "warn", "block")  # in order of severity
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,6 @@ class Standing:
         return self.state == "block"
 
 
-def _news(saved: Reading | None, reading: Reading) -> bool:
-    """Whether ``reading`` says something the store does not have yet: a new status or reset,
-    a figure that moved by a point or more, or a minute since the last save."""
-    return (saved is None or saved.status != reading.status or saved.reset_at != reading.reset_at
-            or abs((saved.utilization or 0.0) - (reading.utilization or 0.0)) >= 0.01
-            or reading.observed_at - saved.observed_at >= _SAVE_READING_EVERY_S)
-
-
 class Governor:
     def __init__(self, config: Config, quotas: Quotas | dict, metrics: Metrics, clock,
                  keep=None):
@@ -70,12 +61,11 @@ class Governor:
         self.quota_file = config.quotas_file
         self.engine = QuotaEngine(quotas)                        # per model
         self.plans = QuotaEngine(getattr(quotas, "lanes", {}))   # per lane: the plan
-        self.evidence = ProviderEvidence()
+        self.evidence = ProviderEvidence(config.routing.provider_max_age,
+                                         config.routing.block_at)
         self.policy = Policy(config.routing.reroute_mode, config.routing.cooldown_sec)
         self.calibration = Calibration()
         self.quotas_loaded_at = clock.seconds()
-        self.max_age = config.routing.provider_max_age
-        self.block_at = config.routing.block_at
         self._saved: dict[tuple[str, str], Reading] = {}
         self._learned_at: dict[tuple[str, str], float] = {}
 
@@ -141,36 +131,6 @@ class Governor:
 
     # -- evidence --------------------------------------------------------------------------------
 
-    def provider_readings(self, lane: str, now: float) -> dict[str, Reading]:
-        """The fresh provider readings of ``lane``, by provider window: younger than
-        ``provider_max_age``, or a window the provider said is used up until a reset still
-        ahead (its word holds until then, however old)."""
-        return {reading.window: reading for reading in self.evidence.lane_readings(lane, now)
-                if reading.age(now) <= self.max_age
-                or (reading.status == "rejected" and reading.reset_at is not None)}
-
-    def provider_state(self, lane: str, model: str, now: float) -> tuple[str, str, set[str]]:
-        """``(state, reason, ccpd windows covered)`` from the fresh provider readings."""
-        warn = self.warn_fraction(lane, model)
-        state, reason, covered = "ok", "", set()
-        for window, reading in sorted(self.provider_readings(lane, now).items()):
-            if window in QUOTA_WINDOW:
-                covered.add(QUOTA_WINDOW[window])
-            if reading.utilization is None and reading.status != "rejected":
-                continue
-            util = reading.utilization or 0.0
-            if reading.status == "rejected" or util >= self.block_at:
-                here = "block"
-            elif util >= warn:
-                here = "warn"
-            else:
-                continue
-            if _STATES.index(here) > _STATES.index(state):
-                state = here
-                reason = (f"provider reports {window} of lane {lane} "
-                          f"{'rejected' if reading.status == 'rejected' else f'at {util:.0%}'}")
-        return state, reason, covered
-
     def standing(self, lane: str, model: str, now: float) -> Standing:
         """Every piece of evidence about ``model`` on ``lane``; the worst state decides. A
         fresh provider reading of a window stands in for ccpd's count of the lane's plan
@@ -178,7 +138,8 @@ class Governor:
         limits are the user's budgets and always count."""
         model_state, _warn = self._standing(model, now)
         candidates = [(model_state.state, "model", f"quota of {model}: {model_state.state}")]
-        provider, provider_reason, covered = self.provider_state(lane, model, now)
+        provider, provider_reason, covered = self.evidence.judge(
+            lane, now, self.warn_fraction(lane, model))
         if provider != "ok":
             candidates.append((provider, "provider", provider_reason))
         if lane in self.plans.quotas:
@@ -190,7 +151,7 @@ class Governor:
                                                      f": {here}"))
         state, source, reason = max(candidates, key=lambda c: _STATES.index(c[0]))
         if state == "ok":  # all clear: name the best evidence that says so
-            source = ("provider" if covered or self.provider_readings(lane, now) else
+            source = ("provider" if covered or self.evidence.fresh(lane, now) else
                       "plan" if lane in self.plans.quotas else
                       "model" if model_state.quota is not None else "none")
             reason = ""
@@ -217,7 +178,7 @@ class Governor:
         for reading in readings:
             key = (reading.lane, reading.window)
             self._reading_gauges(reading)
-            if self.keep is not None and _news(self._saved.get(key), reading):
+            if self.keep is not None and reading.news_since(self._saved.get(key)):
                 self._saved[key] = reading
                 self.keep.save_reading(reading)
             ours = QUOTA_WINDOW.get(reading.window)
@@ -284,10 +245,10 @@ class Governor:
         multiplier = warn.limit_multiplier if warn else 1.0
         rooms = [max(0, math.floor(w.limit_tokens * multiplier) - w.used_tokens)
                  for w in state.windows if w.limit_tokens is not None]
-        for window, reading in self.provider_readings(lane, now).items():
+        for window, reading in self.evidence.fresh(lane, now).items():
             learned = self.evidence.learned_limit(lane, window)
             if learned is not None and reading.utilization is not None:
-                rooms.append(max(0, math.floor((self.block_at - reading.utilization)
+                rooms.append(max(0, math.floor((self.evidence.block_at - reading.utilization)
                                                * learned.tokens)))
         return min(rooms) if rooms else None
 
@@ -350,10 +311,8 @@ class Governor:
         def wait_for(lane: str, model: str) -> float:
             need = max(self.engine.state(model, now).predicted_need, 1)
             waits = [self.engine.seconds_until_room(model, need, now)]
-            waits += [reading.reset_at - now for reading in self.provider_readings(lane, now)
-                      .values() if reading.reset_at is not None and (
-                          reading.status == "rejected" or (reading.utilization or 0)
-                          >= self.block_at)]
+            waits += [reading.reset_at - now for reading in self.evidence.fresh(lane, now)
+                      .values() if reading.reset_at is not None and self.evidence.blocks(reading)]
             return max(waits)
 
         until = self.policy.cooldown_until(route.model, now)
@@ -389,11 +348,12 @@ class Governor:
                       "quota_warn_threshold": state.warn_pct, "warn_pct_auto": state.warn_pct,
                       **self.calibration.gap_stats(model, "rolling")}
         if self.evidence.readings and lane:
-            readings = self.provider_readings(lane, now)
-            for window, field in (("five_hour", "provider_utilization_5h"),
-                                  ("seven_day", "provider_utilization_7d")):
-                if window in readings:
-                    fields[field] = readings[window].utilization
+            readings = self.evidence.fresh(lane, now)
+            for windows, field in ((("five_hour",), "provider_utilization_5h"),
+                                   (("seven_day", "weekly"), "provider_utilization_7d")):
+                for window in windows:
+                    if window in readings:
+                        fields[field] = readings[window].utilization
         if decision is not None:
             fields.update(reroute_decision=decision.decision, decision_reason=decision.reason,
                           reroute_attempt=decision.attempt,

@@ -69,3 +69,26 @@ def test_learned_limit_grows_confident_as_samples_agree():
     evidence.learn("zai", "seven_day", 1_000_000, 0.5)
     evidence.learn("zai", "seven_day", 1_000_000, 0.1)  # disagreeing samples
     assert evidence.learned_limit("zai", "seven_day").confidence < 0.2
+
+
+def test_fresh_readings_and_the_judgement_they_give():
+    evidence = ProviderEvidence(max_age=600, block_at=0.98)
+    evidence.put(Reading("zai", "five_hour", 0.85, 9000, None, 1000, "poll"))
+    evidence.put(Reading("zai", "weekly", 0.2, 90000, None, 1000, "poll"))
+    assert evidence.judge("zai", 1100, warn_at=0.8) == (
+        "warn", "provider reports five_hour of lane zai at 85%", {"rolling", "weekly"})
+    assert evidence.judge("zai", 1100, warn_at=0.9)[0] == "ok"
+    assert evidence.judge("zai", 1601, warn_at=0.8) == ("ok", "", set())  # too old
+    # the provider's "used up" holds until its reset, however old
+    evidence.put(Reading("zai", "five_hour", 1.0, 9000, "rejected", 1000, "limit"))
+    assert evidence.judge("zai", 8999, warn_at=0.8)[0] == "block"
+    assert evidence.judge("zai", 9000, warn_at=0.8)[0] == "ok"
+
+
+def test_a_reading_is_news_when_it_changes_or_a_minute_passed():
+    saved = Reading("zai", "five_hour", 0.50, 9000, "allowed", 1000)
+    same = Reading("zai", "five_hour", 0.505, 9000, "allowed", 1030)
+    assert same.news_since(None) and not same.news_since(saved)
+    assert Reading("zai", "five_hour", 0.51, 9000, "allowed", 1030).news_since(saved)
+    assert Reading("zai", "five_hour", 0.50, 9000, "rejected", 1030).news_since(saved)
+    assert Reading("zai", "five_hour", 0.50, 9000, "allowed", 1060).news_since(saved)

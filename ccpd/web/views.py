@@ -15,13 +15,13 @@ def usage_view(governor, now: float) -> dict:
             "lanes": {lane: lane_view(governor, lane, now) for lane in lanes}}
 
 
-def _reading(reading: Reading, now: float, max_age: float) -> dict:
+def _reading(reading: Reading, now: float, evidence) -> dict:
     return {"utilization": reading.utilization, "reset_at": reading.reset_at,
             "reset_in_sec": (round(max(0.0, reading.reset_at - now), 1)
                              if reading.reset_at is not None else None),
             "status": reading.status, "source": reading.source,
             "age_sec": round(reading.age(now), 1),
-            "fresh": reading.age(now) <= max_age or reading.status == "rejected"}
+            "fresh": evidence.is_fresh(reading, now)}
 
 
 def lane_view(governor, lane: str, now: float) -> dict:
@@ -38,7 +38,7 @@ def lane_view(governor, lane: str, now: float) -> dict:
         "provider": {
             "status": status, "representative_claim": claim,
             "age_sec": round(now - observed, 1) if observed is not None else None,
-            "windows": {r.window: _reading(r, now, governor.max_age) for r in readings}},
+            "windows": {r.window: _reading(r, now, evidence) for r in readings}},
         "learned_limits": {
             window: {"tokens": learned.tokens, "samples": learned.samples,
                      "confidence": learned.confidence}
@@ -71,8 +71,8 @@ def model_view(governor, model: str, now: float) -> dict:
             "used_hours": window.used_hours, "limit_hours": window.limit_hours,
             "reset_eta_sec": window.reset_eta_sec, "state": state.window_state(window)}
     rolling_gaps = governor.calibration.gap_stats(model, "rolling")
-    provider = {window: _reading(reading, now, governor.max_age)
-                for window, reading in governor.provider_readings(route.lane, now).items()}
+    provider = {window: _reading(reading, now, governor.evidence)
+                for window, reading in governor.evidence.fresh(route.lane, now).items()}
     return {
         "quota": quota.to_dict() if quota else None,
         **windows,
