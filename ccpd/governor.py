@@ -121,25 +121,20 @@ class Governor:
             return None
         return self.calibration.auto_warn(model, quota.warn_pct, quota.rolling_window_hours * 3600)
 
-    def warn_fraction(self, lane: str, model: str) -> float:
-        """The utilisation at which ``lane`` warns: the lane's (plan) warn_pct, else the
-        model's (auto-calibrated), else the default."""
-        if lane in self.plans.quotas:
-            return self.plans.quotas[lane].warn_pct
-        warn = self.auto_warn(model)
-        return warn.warn_pct_auto if warn else ModelQuota.warn_pct
-
     # -- evidence --------------------------------------------------------------------------------
 
-    def standing(self, lane: str, model: str, now: float) -> Standing:
+    def standing(self, lane: str, model: str, now: float, counted=None) -> Standing:
         """Every piece of evidence about ``model`` on ``lane``; the worst state decides. A
         fresh provider reading of a window stands in for ccpd's count of the lane's plan
         limit of that window (the provider counts traffic ccpd never sees); the model's
-        limits are the user's budgets and always count."""
-        model_state, _warn = self._standing(model, now)
+        limits are the user's budgets and always count. ``counted``: the model's
+        ``(state, auto warn)`` when the caller has it already."""
+        model_state, warn = counted or self._standing(model, now)
         candidates = [(model_state.state, "model", f"quota of {model}: {model_state.state}")]
-        provider, provider_reason, covered = self.evidence.judge(
-            lane, now, self.warn_fraction(lane, model))
+        # the provider's figure warns at the plan's warn_pct, else the model's (calibrated)
+        warn_at = (self.plans.quotas[lane].warn_pct if lane in self.plans.quotas else
+                   warn.warn_pct_auto if warn else ModelQuota.warn_pct)
+        provider, provider_reason, covered = self.evidence.judge(lane, now, warn_at)
         if provider != "ok":
             candidates.append((provider, "provider", provider_reason))
         if lane in self.plans.quotas:
@@ -226,8 +221,8 @@ class Governor:
                                            REROUTED_LIMIT, f"account: lane {route.lane} cannot "
                                                            f"serve ({unusable})")
         else:
-            standing = self.standing(route.lane, route.model, now)
             state, warn = self._standing(route.model, now)
+            standing = self.standing(route.lane, route.model, now, (state, warn))
             headroom = self._headroom(route.lane, route.model, state, warn, now)
             decision = self.policy.decide(route, standing, self._secondary_standing(route, now),
                                           now, headroom)
