@@ -17,6 +17,11 @@ from ccpd.limits import FIVE_HOUR, SEVEN_DAY, WEEKLY, ProviderUtilization
 # (Anthropic reports seven_day; Z.AI's quota endpoint, its weekly window.)
 QUOTA_WINDOW = {FIVE_HOUR: "rolling", SEVEN_DAY: "weekly", WEEKLY: "weekly"}
 _STATES = ("ok", "warn", "block")
+# Readings of the whole lane rather than one window: the unified status (with its reset and
+# representative claim) and the overage status. Kept and shown, never judged as a window:
+# "overage rejected" only means no extra usage beyond the plan.
+UNIFIED, OVERAGE = "unified", "overage"
+LANE_WIDE = (UNIFIED, OVERAGE)
 SAVE_EVERY_S = 60.0  # an unchanged window's reading is worth saving at most this often
 # Utilisation below this says too little about the cap to learn it (1 % of 2M tokens = 20k).
 _MIN_LEARNING_UTILIZATION = 0.02
@@ -25,7 +30,8 @@ _CAP_SAMPLES = 64
 
 @dataclass(frozen=True)
 class Reading:
-    """One window of one lane, as the provider reported it."""
+    """One window of one lane, as the provider reported it (``window`` ``unified`` and
+    ``overage``: the lane as a whole)."""
 
     lane: str
     window: str
@@ -33,14 +39,16 @@ class Reading:
     reset_at: float | None
     status: str | None
     observed_at: float
-    source: str = "headers"    # headers | poll
+    source: str = "headers"    # headers | poll | limit (a limit answer said it is used up)
+    surpassed_threshold: float | None = None  # the warning threshold the window passed
+    claim: str | None = None   # unified: the window that decides (representative claim)
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.observed_at)
 
     def to_row(self) -> tuple:
         return (self.lane, self.window, self.utilization, self.reset_at, self.status,
-                self.observed_at, self.source)
+                self.observed_at, self.source, self.surpassed_threshold, self.claim)
 
     def news_since(self, saved: Reading | None) -> bool:
         """Whether this says something ``saved`` (the last one kept) does not: a new status
@@ -71,8 +79,6 @@ class ProviderEvidence:
         self.max_age = max_age
         self.block_at = block_at
         self.readings: dict[tuple[str, str], Reading] = {}
-        self.status: dict[str, tuple[str | None, str | None, float]] = {}  # lane -> (status,
-        #                                                      representative claim, observed)
         self.unusable: dict[str, str] = {}  # lane -> why (an account problem)
         self._caps: dict[tuple[str, str], deque] = {}
 
@@ -80,12 +86,16 @@ class ProviderEvidence:
 
     def observe(self, lane: str, reading: ProviderUtilization, now: float,
                 source: str = "headers") -> list[Reading]:
-        """Keep what one answer (or one poll) said; returns the window readings kept."""
-        self.status[lane] = (reading.status, reading.representative_claim, now)
-        kept = []
+        """Keep what one answer (or one poll) said; returns the readings kept."""
+        kept = [self.put(Reading(lane, UNIFIED, None, reading.reset_at, reading.status, now,
+                                 source, claim=reading.representative_claim))]
+        if reading.overage_status:
+            kept.append(self.put(Reading(lane, OVERAGE, None, None, reading.overage_status,
+                                         now, source)))
         for window, figures in reading.windows.items():
             kept.append(self.put(Reading(lane, window, figures.utilization, figures.reset_at,
-                                         figures.status, now, source)))
+                                         figures.status, now, source,
+                                         figures.surpassed_threshold)))
         return kept
 
     def put(self, reading: Reading) -> Reading:
@@ -124,7 +134,7 @@ class ProviderEvidence:
     def fresh(self, lane: str, now: float) -> dict[str, Reading]:
         """The readings of ``lane`` that decisions may use, by provider window."""
         return {reading.window: reading for reading in self.lane_readings(lane, now)
-                if self.is_fresh(reading, now)}
+                if reading.window not in LANE_WIDE and self.is_fresh(reading, now)}
 
     def blocks(self, reading: Reading) -> bool:
         return reading.status == "rejected" or (reading.utilization or 0.0) >= self.block_at

@@ -19,13 +19,17 @@ HEADERS = {
 def test_the_newest_reading_of_each_window_is_kept_per_lane():
     evidence = ProviderEvidence()
     kept = evidence.observe("anthropic", read_utilization(HEADERS), now=1000)
-    assert {(r.window, r.utilization) for r in kept} == {("five_hour", 0.85), ("seven_day", 0.3)}
+    assert {(r.window, r.utilization) for r in kept} == {
+        ("unified", None), ("five_hour", 0.85), ("seven_day", 0.3)}
     later = dict(HEADERS, **{"anthropic-ratelimit-unified-5h-utilization": "0.9"})
     evidence.observe("anthropic", read_utilization(later), now=1060)
     reading = evidence.reading("anthropic", "five_hour", 1100)
     assert (reading.utilization, reading.age(1100), reading.status) == (0.9, 40, "allowed_warning")
     assert evidence.reading("zai", "five_hour", 1100) is None
-    assert evidence.status["anthropic"] == ("allowed_warning", "five_hour", 1060)
+    unified = evidence.reading("anthropic", "unified", 1100)
+    assert (unified.status, unified.claim, unified.observed_at) == \
+        ("allowed_warning", "five_hour", 1060)
+    assert set(evidence.fresh("anthropic", 1100)) == {"five_hour", "seven_day"}
 
 
 def test_a_stale_or_reset_reading_is_not_used():
@@ -34,7 +38,8 @@ def test_a_stale_or_reset_reading_is_not_used():
     assert evidence.reading("anthropic", "five_hour", 1500, max_age=600) is not None
     assert evidence.reading("anthropic", "five_hour", 1700, max_age=600) is None  # too old
     assert evidence.reading("anthropic", "five_hour", 20000) is None  # its window reset
-    assert [r.window for r in evidence.lane_readings("anthropic", 20000)] == ["seven_day"]
+    assert {r.window for r in evidence.lane_readings("anthropic", 20000)} == {"unified", "seven_day"}
+    assert set(evidence.fresh("anthropic", 1500)) == {"five_hour", "seven_day"}  # never lane-wide
 
 
 def test_restore_keeps_the_newer_of_stored_and_live_readings():
@@ -44,7 +49,7 @@ def test_restore_keeps_the_newer_of_stored_and_live_readings():
                       ("zai", "seven_day", 0.1, 90000, None, 1000, "poll")])
     assert evidence.reading("zai", "five_hour", 2100).utilization == 0.5
     assert evidence.reading("zai", "seven_day", 2100).to_row() == (
-        "zai", "seven_day", 0.1, 90000, None, 1000, "poll")
+        "zai", "seven_day", 0.1, 90000, None, 1000, "poll", None, None)
 
 
 def test_unusable_lanes_are_news_once():

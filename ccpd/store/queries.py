@@ -219,17 +219,20 @@ def save_reading(cursor, row: tuple) -> None:
     """One provider reading (:meth:`ccpd.evidence.Reading.to_row`), replacing the older one
     of its lane and window."""
     cursor.execute("INSERT INTO provider_reading (lane, plan_window, utilization, reset_at, status, "
-                   "observed_at, source) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                   "observed_at, source, surpassed_threshold, claim) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                    "ON CONFLICT(lane, plan_window) DO UPDATE SET utilization = excluded.utilization, "
                    "reset_at = excluded.reset_at, status = excluded.status, "
-                   "observed_at = excluded.observed_at, source = excluded.source "
+                   "observed_at = excluded.observed_at, source = excluded.source, "
+                   "surpassed_threshold = excluded.surpassed_threshold, claim = excluded.claim "
                    "WHERE excluded.observed_at >= provider_reading.observed_at", row)
 
 
 def load_readings(cursor) -> list[tuple]:
     """Every stored provider reading, as :meth:`ccpd.evidence.Reading.to_row` wrote it."""
     cursor.execute("SELECT lane, plan_window, utilization, reset_at, status, observed_at, "
-                   "source FROM provider_reading ORDER BY lane, plan_window")
+                   "source, surpassed_threshold, claim FROM provider_reading "
+                   "ORDER BY lane, plan_window")
     return cursor.fetchall()
 
 

@@ -2,7 +2,7 @@
 state at ``now`` (field names are a contract: docs/QUOTAS.md and ``fixtures/usage``)."""
 from __future__ import annotations
 
-from ccpd.evidence import Reading
+from ccpd.evidence import LANE_WIDE, OVERAGE, UNIFIED, Reading
 
 
 def usage_view(governor, now: float) -> dict:
@@ -17,6 +17,7 @@ def usage_view(governor, now: float) -> dict:
 
 def _reading(reading: Reading, now: float, evidence) -> dict:
     return {"utilization": reading.utilization, "reset_at": reading.reset_at,
+            "surpassed_threshold": reading.surpassed_threshold,
             "reset_in_sec": (round(max(0.0, reading.reset_at - now), 1)
                              if reading.reset_at is not None else None),
             "status": reading.status, "source": reading.source,
@@ -28,16 +29,20 @@ def lane_view(governor, lane: str, now: float) -> dict:
     """What the provider says about ``lane`` (its plan), what ccpd counted against the
     lane's plan limit, and the limits the two imply."""
     evidence = governor.evidence
-    readings = evidence.lane_readings(lane, now)
-    status, claim, observed = evidence.status.get(lane, (None, None, None))
+    readings = [r for r in evidence.lane_readings(lane, now) if r.window not in LANE_WIDE]
+    unified = evidence.readings.get((lane, UNIFIED))
+    overage = evidence.readings.get((lane, OVERAGE))
     plan = governor.plans.quotas.get(lane)
     counted = governor.plans.state(lane, now)
     return {
         "usable": lane not in evidence.unusable,
         "unusable_reason": evidence.unusable.get(lane),
         "provider": {
-            "status": status, "representative_claim": claim,
-            "age_sec": round(now - observed, 1) if observed is not None else None,
+            "status": unified.status if unified else None,
+            "representative_claim": unified.claim if unified else None,
+            "reset_at": unified.reset_at if unified else None,
+            "overage_status": overage.status if overage else None,
+            "age_sec": round(unified.age(now), 1) if unified else None,
             "windows": {r.window: _reading(r, now, evidence) for r in readings}},
         "learned_limits": {
             window: {"tokens": learned.tokens, "samples": learned.samples,
