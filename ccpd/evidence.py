@@ -18,10 +18,11 @@ from ccpd.limits import FIVE_HOUR, SEVEN_DAY, WEEKLY, ProviderUtilization
 QUOTA_WINDOW = {FIVE_HOUR: "rolling", SEVEN_DAY: "weekly", WEEKLY: "weekly"}
 _STATES = ("ok", "warn", "block")
 # Readings of the whole lane rather than one window: the unified status (with its reset and
-# representative claim) and the overage status. Kept and shown, never judged as a window:
-# "overage rejected" only means no extra usage beyond the plan.
-UNIFIED, OVERAGE = "unified", "overage"
-LANE_WIDE = (UNIFIED, OVERAGE)
+# representative claim) and the overage status. Kept and shown, never judged as a window: an
+# overage status "rejected" only means no extra usage beyond the plan. (A limit answer whose
+# claim is the ``overage`` window is a window reading, and is judged.)
+UNIFIED, OVERAGE_STATUS = "unified", "overage_status"
+LANE_WIDE = (UNIFIED, OVERAGE_STATUS)
 SAVE_EVERY_S = 60.0  # an unchanged window's reading is worth saving at most this often
 # Utilisation below this says too little about the cap to learn it (1 % of 2M tokens = 20k).
 _MIN_LEARNING_UTILIZATION = 0.02
@@ -31,7 +32,7 @@ _CAP_SAMPLES = 64
 @dataclass(frozen=True)
 class Reading:
     """One window of one lane, as the provider reported it (``window`` ``unified`` and
-    ``overage``: the lane as a whole)."""
+    ``overage_status``: the lane as a whole)."""
 
     lane: str
     window: str
@@ -90,8 +91,8 @@ class ProviderEvidence:
         kept = [self.put(Reading(lane, UNIFIED, None, reading.reset_at, reading.status, now,
                                  source, claim=reading.representative_claim))]
         if reading.overage_status:
-            kept.append(self.put(Reading(lane, OVERAGE, None, None, reading.overage_status,
-                                         now, source)))
+            kept.append(self.put(Reading(lane, OVERAGE_STATUS, None, None,
+                                         reading.overage_status, now, source)))
         for window, figures in reading.windows.items():
             kept.append(self.put(Reading(lane, window, figures.utilization, figures.reset_at,
                                          figures.status, now, source,

@@ -97,3 +97,16 @@ def test_a_reading_is_news_when_it_changes_or_a_minute_passed():
     assert Reading("zai", "five_hour", 0.51, 9000, "allowed", 1030).news_since(saved)
     assert Reading("zai", "five_hour", 0.50, 9000, "rejected", 1030).news_since(saved)
     assert Reading("zai", "five_hour", 0.50, 9000, "allowed", 1060).news_since(saved)
+
+
+def test_the_lane_wide_overage_status_is_shown_but_an_exhausted_overage_window_blocks():
+    evidence = ProviderEvidence(max_age=600, block_at=0.98)
+    headers = dict(HEADERS, **{"anthropic-ratelimit-unified-status": "allowed",
+                               "anthropic-ratelimit-unified-overage-status": "rejected"})
+    evidence.observe("anthropic", read_utilization(headers), now=1000)
+    assert evidence.reading("anthropic", "overage_status", 1100).status == "rejected"
+    assert evidence.judge("anthropic", 1100, warn_at=0.9)[0] == "ok"  # no extra usage, that is all
+    # a limit answer claiming the overage window: used up until its reset
+    evidence.put(Reading("anthropic", "overage", 1.0, 5000, "rejected", 1100, "limit"))
+    assert evidence.judge("anthropic", 1200, warn_at=0.9)[:2] == (
+        "block", "provider reports overage of lane anthropic rejected")

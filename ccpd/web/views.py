@@ -2,7 +2,7 @@
 state at ``now`` (field names are a contract: docs/QUOTAS.md and ``fixtures/usage``)."""
 from __future__ import annotations
 
-from ccpd.evidence import LANE_WIDE, OVERAGE, UNIFIED, Reading
+from ccpd.evidence import LANE_WIDE, OVERAGE_STATUS, UNIFIED, Reading
 
 
 def usage_view(governor, now: float) -> dict:
@@ -31,7 +31,7 @@ def lane_view(governor, lane: str, now: float) -> dict:
     evidence = governor.evidence
     readings = [r for r in evidence.lane_readings(lane, now) if r.window not in LANE_WIDE]
     unified = evidence.readings.get((lane, UNIFIED))
-    overage = evidence.readings.get((lane, OVERAGE))
+    overage = evidence.readings.get((lane, OVERAGE_STATUS))
     plan = governor.plans.quotas.get(lane)
     counted = governor.plans.state(lane, now)
     return {

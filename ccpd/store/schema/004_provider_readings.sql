@@ -1,6 +1,6 @@
 -- Version 4: what the providers last said about each lane's plan windows (utilisation, reset,
 -- status, the warning threshold passed) and about the lane as a whole (plan_window 'unified':
--- status, reset and representative claim; 'overage': the overage status), so that a restart
+-- status, reset and representative claim; 'overage_status': the overage status), so that a restart
 -- decides from the same evidence as before it.
 CREATE TABLE IF NOT EXISTS provider_reading (
     lane TEXT NOT NULL,
