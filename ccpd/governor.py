@@ -4,49 +4,29 @@ Evidence about a lane, most precise first: what the provider itself says (the ut
 reports on every answer, its limit answers, its quota endpoint: :mod:`ccpd.evidence`), then
 ccpd's own token counts held against the limits of ``quotas.json`` — per lane (the plan) and
 per model (the user's budgets); the tighter decides. The proxy asks :meth:`Governor.decide`
-before sending, hands it every answer's headers (:meth:`Governor.observe_answer`), the
-classified limit answers (:meth:`Governor.after_limit`) and every finished exchange
-(:meth:`Governor.account`). The JSON views of this state are in :mod:`ccpd.web.views`.
+before sending, hands every answer's headers to its :class:`~ccpd.watch.ProviderWatch`
+(``governor.watch``), the classified limit answers to :meth:`Governor.after_limit` and every
+finished exchange to :meth:`Governor.account`. The JSON views of this state are in
+:mod:`ccpd.web.views`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from twisted.logger import Logger
 
 from ccpd.calibration import Calibration
 from ccpd.config import Config, Route
-from ccpd.evidence import QUOTA_WINDOW, ProviderEvidence, Reading
-from ccpd.limits import ACCOUNT, BURST, OVERLOADED, WINDOW_EXHAUSTED, LimitAnswer, read_utilization
+from ccpd.evidence import ProviderEvidence
+from ccpd.limits import ACCOUNT, OVERLOADED, WINDOW_EXHAUSTED, LimitAnswer
 from ccpd.metrics import Metrics
-from ccpd.policy import BLOCKED, PREFERRED, REROUTED_LIMIT, Decision, Policy
+from ccpd.policy import PREFERRED, REROUTED_LIMIT, Decision, Policy, Standing
 from ccpd.quotas import ModelQuota, QuotaEngine, QuotaState, Quotas, load_quotas
+from ccpd.watch import ProviderWatch
 
 log = Logger()
 
-UNIFIED_STATUS = b"anthropic-ratelimit-unified-status"
-_UNIFIED_PREFIX = b"anthropic-ratelimit-unified-"
-_LEARN_EVERY_S = 60.0          # and learned from at most this often
 _STATES = ("ok", "warn", "block")  # in order of severity
-
-
-@dataclass(frozen=True)
-class Standing:
-    """A lane's standing for one model at one moment: the worst of every piece of evidence.
-
-    ``source`` says which evidence decided: ``provider`` (a fresh provider reading), ``plan``
-    (ccpd's count against the lane's limit), ``model`` (against the model's limit), or
-    ``none`` (nothing limits it)."""
-
-    state: str
-    source: str
-    reason: str
-    predicted_need: int
-
-    @property
-    def blocked(self) -> bool:
-        return self.state == "block"
 
 
 class Governor:
@@ -64,27 +44,23 @@ class Governor:
         self.evidence = ProviderEvidence(config.routing.provider_max_age,
                                          config.routing.block_at)
         self.policy = Policy(config.routing.reroute_mode, config.routing.cooldown_sec)
+        self.watch = ProviderWatch(self.evidence, self.plans, metrics, clock, keep)
         self.calibration = Calibration()
         self.quotas_loaded_at = clock.seconds()
-        self._saved: dict[tuple[str, str], Reading] = {}
-        self._learned_at: dict[tuple[str, str], float] = {}
 
     def restore(self, cooldowns: dict[str, float], usage_rows, readings=()) -> None:
         """Resume after a restart: the cooldowns still running, the provider readings, and
         the quota windows rebuilt from stored samples ``(model, ts, input, output,
         cache_creation, cache_read, seconds, lane)``."""
         self.policy.cooldowns.update(cooldowns)
-        self.evidence.restore(readings)
+        self.watch.restore(readings)
         for model, ts, input_tokens, output_tokens, creation, read, seconds, lane in usage_rows:
             tokens = dict(input_tokens=input_tokens, output_tokens=output_tokens,
                           cache_creation_input_tokens=creation, cache_read_input_tokens=read)
             self.engine.record(model, ts, seconds=seconds, **tokens)
             if lane:
                 self.plans.record(lane, ts, seconds=seconds, **tokens)
-        now = self.clock.seconds()
-        self._update_gauges(now)
-        for reading in self.evidence.readings.values():
-            self._reading_gauges(reading)
+        self.update_gauges(self.clock.seconds())
         if cooldowns or usage_rows or readings:
             log.info("restored {rows} stored samples into the quota windows, {cooldowns} "
                      "cooldowns and {readings} provider readings", rows=len(usage_rows),
@@ -100,10 +76,10 @@ class Governor:
         self.plans.set_quotas(quotas.lanes)
         self.quotas_loaded_at = self.clock.seconds()
         for lane in list(self.evidence.unusable):
-            self._mark_usable(lane, "quotas reloaded")
+            self.watch.mark_usable(lane, "quotas reloaded")
         log.info("quotas reloaded from {path}: {count} models, {lanes} lanes",
                  path=self.quota_file, count=len(quotas), lanes=len(quotas.lanes))
-        self._update_gauges(self.clock.seconds())
+        self.update_gauges(self.clock.seconds())
         return quotas
 
     def state(self, model: str, now: float) -> QuotaState:
@@ -151,52 +127,6 @@ class Governor:
                       "model" if model_state.quota is not None else "none")
             reason = ""
         return Standing(state, source, reason, model_state.predicted_need)
-
-    def observe_answer(self, lane: str, status: int, headers) -> None:
-        """Every answer of every lane: keep the utilisation the provider reports (Twisted
-        ``Headers``; answers without unified headers cost one lookup), and a success makes
-        a lane marked unusable usable again."""
-        if status < 400 and lane in self.evidence.unusable:
-            self._mark_usable(lane, f"it answered {status}")
-        if not headers.hasHeader(UNIFIED_STATUS):
-            return
-        unified = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
-                   for name, values in headers.getAllRawHeaders()
-                   if name.lower().startswith(_UNIFIED_PREFIX)}
-        utilization = read_utilization(unified)
-        if utilization is not None:
-            self.observe_readings(self.evidence.observe(lane, utilization, self.clock.seconds()))
-
-    def observe_readings(self, readings: list[Reading]) -> None:
-        """New provider readings (from answers or a quota poll): gauges, the store, and a
-        learned-limit sample for the windows ccpd counts too."""
-        for reading in readings:
-            key = (reading.lane, reading.window)
-            self._reading_gauges(reading)
-            if self.keep is not None and reading.news_since(self._saved.get(key)):
-                self._saved[key] = reading
-                self.keep.save_reading(reading)
-            ours = QUOTA_WINDOW.get(reading.window)
-            if ours and reading.observed_at - self._learned_at.get(key, -math.inf) \
-                    >= _LEARN_EVERY_S and reading.lane in self.plans.models:
-                self._learned_at[key] = reading.observed_at
-                counted = self.plans.state(reading.lane, reading.observed_at)
-                used = counted.rolling if ours == "rolling" else counted.weekly
-                self.evidence.learn(reading.lane, reading.window, used.used_tokens,
-                                    reading.utilization)
-
-    def _reading_gauges(self, reading: Reading) -> None:
-        if reading.utilization is not None:
-            self.metrics.provider_utilization.labels(reading.lane, reading.window).set(
-                reading.utilization)
-        if reading.reset_at is not None:
-            self.metrics.provider_reset.labels(reading.lane, reading.window).set(
-                reading.reset_at)
-
-    def _mark_usable(self, lane: str, why: str) -> None:
-        if self.evidence.mark_usable(lane):
-            self.metrics.lane_unusable.labels(lane).set(0)
-            log.info("lane {lane} is usable again: {why}", lane=lane, why=why)
 
     # -- decisions -------------------------------------------------------------------------------
 
@@ -259,12 +189,8 @@ class Governor:
             return None  # the provider's trouble, not the plan's: the client retries
         until = None
         if answer.kind == ACCOUNT:
-            if self.evidence.mark_unusable(lane, answer.label + (f" {answer.code}"
-                                                                 if answer.code else "")):
-                self.metrics.lane_unusable.labels(lane).set(1)
-                log.warn("lane {lane} cannot serve until it answers again or quotas are "
-                         "reloaded: {label} ({message})", lane=lane, label=answer.label,
-                         message=answer.message or answer.code)
+            self.watch.mark_unusable(lane, answer.label + (f" {answer.code}" if answer.code
+                                                           else ""), answer.message)
         elif answer.kind == WINDOW_EXHAUSTED:
             until = self._window_exhausted(route, lane, answer, now)
         reason = f"preferred lane answered {answer.label}"
@@ -292,8 +218,7 @@ class Governor:
             route.model, window, now, current.reset_eta_sec, answer.reset_at,
             None if not current.limit_tokens else current.used_tokens / current.limit_tokens)
         if answer.window and answer.reset_at is not None and answer.reset_at > now:
-            self.observe_readings([self.evidence.put(Reading(
-                lane, answer.window, 1.0, answer.reset_at, "rejected", now, "limit"))])
+            self.watch.used_up(lane, answer.window, answer.reset_at, now)
         if answer.reset_at is not None and answer.reset_at > now:
             return answer.reset_at
         return now + self.policy.cooldown_sec if self.policy.cooldown_sec > 0 else None
@@ -342,13 +267,8 @@ class Governor:
                       "headroom_pct_weekly": state.weekly.headroom_pct,
                       "quota_warn_threshold": state.warn_pct, "warn_pct_auto": state.warn_pct,
                       **self.calibration.gap_stats(model, "rolling")}
-        if self.evidence.readings and lane:
-            readings = self.evidence.fresh(lane, now)
-            for windows, field in ((("five_hour",), "provider_utilization_5h"),
-                                   (("seven_day", "weekly"), "provider_utilization_7d")):
-                for window in windows:
-                    if window in readings:
-                        fields[field] = readings[window].utilization
+        if lane:
+            fields.update(self.watch.usage_fields(lane, now))
         if decision is not None:
             fields.update(reroute_decision=decision.decision, decision_reason=decision.reason,
                           reroute_attempt=decision.attempt,
@@ -372,9 +292,10 @@ class Governor:
         if lane:
             self.plans.record(lane, now, seconds=seconds, **tokens)
         if model in self.engine.quotas or lane in self.plans.quotas:
-            self._update_gauges(now, [model], [lane])
+            self.update_gauges(now, [model], [lane])
 
-    def _update_gauges(self, now: float, models=None, lanes=None) -> None:
+    def update_gauges(self, now: float, models=None, lanes=None) -> None:
+        """The headroom gauges of ``models`` and ``lanes`` (None: all with a quota)."""
         for engine, names, gauge in ((self.engine, models, self.metrics.quota_headroom),
                                      (self.plans, lanes, self.metrics.plan_headroom)):
             for name in names if names is not None else list(engine.quotas):
@@ -384,20 +305,3 @@ class Governor:
                     if window.limit_tokens:
                         gauge.labels(name, window.name).set(
                             window.headroom_tokens / window.limit_tokens)
-
-    # -- calibration -----------------------------------------------------------------------------
-
-    def sample(self) -> None:
-        """The sampler's tick: gap samples for limits still pending, fresh gauges. Makes no
-        external call."""
-        now = self.clock.seconds()
-        for model in sorted(self.engine.quotas):
-            state = self.engine.state(model, now)
-            for window in state.windows:
-                self.calibration.sample(model, window.name, now, window.reset_eta_sec)
-            warn = self.auto_warn(model)
-            if warn.confidence < 0.5 and warn.min_samples_reached:
-                log.info("calibration of {model}: warn_pct_auto {pct} at low confidence "
-                         "{confidence}", model=model, pct=warn.warn_pct_auto,
-                         confidence=warn.confidence)
-        self._update_gauges(now)

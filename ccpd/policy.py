@@ -5,8 +5,8 @@ before sending, and :meth:`Policy.after_limit` when the lane answered with a lim
 byte reached the client (:mod:`ccpd.limits` says which limit it was).
 
 A standing (``preferred``, ``secondary``) is anything with ``state`` (ok/warn/block),
-``blocked`` and ``predicted_need``: a model's :class:`~ccpd.quotas.QuotaState`, or the
-governor's combination of every piece of evidence about a lane.
+``blocked`` and ``predicted_need``: a model's :class:`~ccpd.quotas.QuotaState`, or a
+:class:`Standing`, the governor's combination of every piece of evidence about a lane.
 """
 from __future__ import annotations
 
@@ -21,6 +21,24 @@ REROUTED_QUOTA = "rerouted_quota"
 REROUTED_LIMIT = "rerouted_limit"
 REROUTED_COOLDOWN = "rerouted_cooldown"
 BLOCKED = "blocked"
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A lane's standing for one model at one moment: the worst of every piece of evidence.
+
+    ``source`` says which evidence decided: ``provider`` (a fresh provider reading), ``plan``
+    (ccpd's count against the lane's limit), ``model`` (against the model's limit), or
+    ``none`` (nothing limits it)."""
+
+    state: str
+    source: str
+    reason: str
+    predicted_need: int
+
+    @property
+    def blocked(self) -> bool:
+        return self.state == "block"
 
 
 def _why(standing) -> str:

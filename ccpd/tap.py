@@ -102,7 +102,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
                   ProbeResultsWatcher(config.calibration.probe_results, governor.calibration,
                                       sample_s, clock=reactor),
                   QuotaPoller(lanes, governor.evidence, metrics, reactor,
-                              on_readings=governor.observe_readings),
+                              on_readings=governor.watch.observe_readings),
                   store):
         child.setServiceParent(top)
     server = config.server

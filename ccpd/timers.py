@@ -30,7 +30,8 @@ class _Timer(TimerService):
 
 
 class CalibrationSampler(_Timer):
-    """Runs :meth:`Governor.sample` every ``interval_s``."""
+    """Every ``interval_s``: gap samples for limits still pending, fresh headroom gauges, and
+    a log line for an auto warn % in use at low confidence. Makes no external call."""
 
     name = "calibration-sampler"
 
@@ -39,7 +40,17 @@ class CalibrationSampler(_Timer):
         self.governor = governor
 
     def tick(self) -> None:
-        self.governor.sample()
+        governor = self.governor
+        now = governor.clock.seconds()
+        for model in sorted(governor.engine.quotas):
+            for window in governor.engine.state(model, now).windows:
+                governor.calibration.sample(model, window.name, now, window.reset_eta_sec)
+            warn = governor.auto_warn(model)
+            if warn.confidence < 0.5 and warn.min_samples_reached:
+                log.info("calibration of {model}: warn_pct_auto {pct} at low confidence "
+                         "{confidence}", model=model, pct=warn.warn_pct_auto,
+                         confidence=warn.confidence)
+        governor.update_gauges(now)
 
 
 class ProbeResultsWatcher(_Timer):

@@ -157,12 +157,12 @@ def test_a_failing_tick_does_not_stop_the_sampler(tmp_path):
     governor, clock, _ = governor_with_clock(tmp_path)
     calls = []
 
-    def flaky():
-        calls.append(clock.seconds())
+    def flaky(now, models=None, lanes=None):
+        calls.append(now)
         if len(calls) == 1:
             raise RuntimeError("boom")
 
-    governor.sample = flaky
+    governor.update_gauges = flaky
     sampler = CalibrationSampler(governor, 600, clock=clock)
     sampler.startService()
     clock.advance(600)

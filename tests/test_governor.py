@@ -211,7 +211,7 @@ def test_an_account_problem_makes_the_lane_unusable_until_it_answers_again(tmp_p
     assert decision.reason.startswith("account: lane zai cannot serve")
     lane = usage_view(gov, clock.seconds())["lanes"]["zai"]
     assert lane["usable"] is False and "1113" in lane["unusable_reason"]
-    gov.observe_answer("zai", 200, Headers())  # e.g. another route's request succeeded
+    gov.watch.observe_answer("zai", 200, Headers())  # e.g. another route's request succeeded
     assert gov.decide(route).decision == "preferred"
     assert counted(gov.metrics, "ccp_lane_unusable", lane="zai") == 0
 
@@ -227,7 +227,7 @@ def test_provider_utilisation_decides_without_any_quota(tmp_path):
     gov, clock, config = governor(tmp_path, mode="preemptive")
     gov.engine.set_quotas({})  # no quotas.json entry at all
     route = config.route_for("glm-4.6")
-    gov.observe_answer("zai", 200, unified(five_hour=0.85, seven_day=0.3))
+    gov.watch.observe_answer("zai", 200, unified(five_hour=0.85, seven_day=0.3))
     view = model_of(gov)
     assert (view["state"], view["evidence"]) == ("warn", "provider")
     assert view["provider"]["five_hour"]["utilization"] == 0.85
@@ -236,7 +236,7 @@ def test_provider_utilisation_decides_without_any_quota(tmp_path):
     assert counted(gov.metrics, "ccp_provider_reset_timestamp_seconds", lane="zai",
                    window="five_hour") == 1_800_000_000 + 7200
     assert gov.decide(route).decision == "preferred"
-    gov.observe_answer("zai", 200, unified(five_hour=0.985))  # past block_at (0.98)
+    gov.watch.observe_answer("zai", 200, unified(five_hour=0.985))  # past block_at (0.98)
     assert gov.decide(route).decision == "rerouted_quota"
     clock.advance(601)  # older than provider_max_age: no longer evidence
     assert gov.decide(route).decision == "preferred"
@@ -254,14 +254,14 @@ def test_plan_limits_per_lane_and_the_provider_figure_supersedes_the_count(tmp_p
     assert gov.decide(route).decision == "rerouted_quota"
     assert counted(gov.metrics, "ccp_plan_headroom_ratio", lane="zai", window="rolling") == 0
     # the provider counts the plan's traffic ccpd never sees: its fresh figure wins
-    gov.observe_answer("zai", 200, unified(five_hour=0.2))
+    gov.watch.observe_answer("zai", 200, unified(five_hour=0.2))
     assert gov.decide(route).decision == "preferred"
 
 
 def test_the_limit_the_readings_imply_is_learned(tmp_path):
     gov, clock, config = governor(tmp_path)
     use(gov, 20_000)
-    gov.observe_answer("zai", 200, unified(five_hour=0.1))
+    gov.watch.observe_answer("zai", 200, unified(five_hour=0.1))
     learned = usage_view(gov, clock.seconds())["lanes"]["zai"]["learned_limits"]["five_hour"]
     assert learned["tokens"] == 200_000 and learned["samples"] == 1
 
@@ -270,7 +270,7 @@ def test_readings_are_saved_at_most_once_a_minute_and_restored(tmp_path):
     keep = Keep()
     gov, clock, config = governor(tmp_path, keep=keep)
     for _ in range(5):
-        gov.observe_answer("zai", 200, unified(five_hour=0.5))
+        gov.watch.observe_answer("zai", 200, unified(five_hour=0.5))
         clock.advance(10)
     assert [r.window for r in keep.readings] == ["unified", "five_hour"]  # once each
     again, _clock, _config = governor(tmp_path)

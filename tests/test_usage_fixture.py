@@ -55,7 +55,7 @@ def live_view(tmp_path) -> dict:
     governor.account("glm-4.6", "a", TokenUsage(input_tokens=150, output_tokens=40),
                      seconds=1.0, stream_seconds=0.5, ttft_seconds=0.05)
     headers = unified_headers({"5h": 0.42, "7d": 0.1}, clock.seconds())
-    governor.observe_answer("a", 200, Headers({k: [v] for k, v in headers.items()}))
+    governor.watch.observe_answer("a", 200, Headers({k: [v] for k, v in headers.items()}))
     return usage_view(governor, clock.seconds())
 
 

@@ -329,7 +329,7 @@ class Proxy:
         finally:
             if timer.active():
                 timer.cancel()
-        self.governor.observe_answer(lane.name, response.code, response.headers)
+        self.governor.watch.observe_answer(lane.name, response.code, response.headers)
         if hold_limit and response.code >= 400 and not _is_sse(response):
             return await self._hold(request, lane, response, exchange)
         return await self._relay(request, lane, response, exchange)
