@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -30,6 +31,7 @@ from twisted.internet import defer, error, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -470,6 +472,7 @@ def build_memory_ccpd(tmp_path, *, upstream_url: str = UPSTREAM_URL, zai: dict |
         "the store is no longer made where build_memory_ccpd replaces it"
     # The lanes send over the memory network, through their own pools, as Lane wires them.
     for lane in service.app.lanes:
+        lane.endpoints = network
         lane.agent = Agent.usingEndpointFactory(clock, network, pool=lane.pool)
         lane.client = HTTPClient(lane.agent)
     service.startService()
@@ -488,3 +491,20 @@ def _serve_fake(network: MemoryNetwork, fake: FakeUpstream, url: str) -> FakeUps
     host = url.split("://", 1)[1]
     network.serve(host, 80, site)
     return fake
+
+
+@contextmanager
+def logged_failures():
+    """The log events that carry a traceback, from new-style (``log.failure``) and legacy
+    (``twisted.python.log.err``, which Klein uses) loggers alike."""
+    events: list[dict] = []
+
+    def observe(event):
+        if "log_failure" in event or (event.get("isError") and "failure" in event):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)

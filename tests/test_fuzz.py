@@ -30,7 +30,6 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -42,7 +41,7 @@ from ccpd.quotas import ModelQuota, QuotaError, load_quotas, parse_quotas
 from ccpd.store import service as store_service
 from ccpd.tap import build_service
 from ccpd.web.site import MAX_HEADER_BYTES, CcpdSite
-from tests.support import MemoryNetwork, SynchronousStore, ccpd_ini
+from tests.support import MemoryNetwork, SynchronousStore, ccpd_ini, logged_failures
 
 PORT = 8787                      # where the fuzzed ccpd listens
 LANE_URL = "http://upstream.invalid"  # both lanes of the test config (zai under /api/anthropic)
@@ -58,23 +57,6 @@ FUZZ = settings(max_examples=200, deadline=None,
                                        HealthCheck.data_too_large])
 # The regression tests run their @example inputs only (the strategy in @given is never drawn).
 EXPLICIT = settings(phases=[Phase.explicit], deadline=None)
-
-
-@contextmanager
-def logged_failures():
-    """The log events that carry a traceback, from new-style (``log.failure``) and legacy
-    (``twisted.python.log.err``, which Klein uses) loggers alike."""
-    events: list[dict] = []
-
-    def observe(event):
-        if "log_failure" in event or (event.get("isError") and "failure" in event):
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observe)
 
 
 def describe(events: list[dict]) -> str:
@@ -845,8 +827,10 @@ def test_a_target_that_is_not_origin_form_never_changes_the_lanes_address(target
 
 
 @pytest.mark.parametrize("target", [b"x/v1/messages", b"http://127.0.0.1:%d/v1/messages" % PORT,
-                                    b"/v1/%FF"])
+                                    b"/v1/%FF", b"/v1/messages?a\x7fb", b"/v1/mess\x80ages"])
 def test_a_target_that_is_not_a_utf8_path_gets_an_anthropic_shaped_400(target):
+    """Also DEL and raw bytes over 0x7f, which Twisted's server lets through but an HTTP
+    client must not send on."""
     written, upstream = post_target(target)
     assert upstream == []
     head, _, body = written.partition(b"\r\n\r\n")

@@ -21,7 +21,7 @@ from ccpd.lanes import PROBE_CACHE_SECONDS
 # post, until, free_port and the constants are imported from here by modules written before
 # tests/support.py existed
 from tests.support import (MESSAGE, SECRET, UPSTREAM_URL, ZAI_SECRET, free_port,  # noqa: F401
-                           post, until)
+                           logged_failures, post, until)
 
 
 def sdk(ccpd, **kwargs):
@@ -442,3 +442,23 @@ def test_a_wrong_method_is_an_anthropic_shaped_405(memory_ccpd):
         answer = ccpd.request(method, path)
         assert answer.error() == (405, "invalid_request_error"), (method, path)
         assert answer.json()["error"]["message"] == f"{method} is not allowed on {path}"
+
+
+def test_a_bug_on_the_hot_route_is_an_anthropic_shaped_500_and_a_logged_failure(memory_ccpd):
+    ccpd = memory_ccpd()
+
+    def broken(route):
+        raise RuntimeError("a bug")
+
+    ccpd.service.app.governor.decide = broken
+    with logged_failures() as failures:
+        answer = ccpd.post("/v1/messages", MESSAGE)
+    assert answer.error() == (500, "api_error")
+    assert answer.json()["error"]["message"] == "internal error in ccpd; see its log"
+    assert [event["log_failure"].value.args for event in failures] == [("a bug",)]
+    assert ccpd.upstream.requests == []
+    # beside the two hot routes, Klein's routes as before: other methods and paths pass through
+    ccpd.request("GET", "/v1/messages/count_tokens")
+    ccpd.post("/v1/messagesx", MESSAGE)
+    assert [(r.method, r.path) for r in ccpd.upstream.requests] == [
+        ("GET", "/v1/messages/count_tokens"), ("POST", "/v1/messagesx")]

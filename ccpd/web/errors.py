@@ -9,15 +9,22 @@ import json
 
 
 class ApiError(Exception):
-    """A refusal or failure of ccpd's own, as the client will see it."""
+    """A refusal or failure of ccpd's own, as the client will see it.
+
+    ``anomaly``: the kind of the anomaly line a proxied request that ends this way gets
+    (``api_error``, ``timeout_error``, ``quota_blocked``, …; None for a refusal of the
+    client's own request), with ``detail`` (default: the message)."""
 
     def __init__(self, status: int, error_type: str, message: str,
-                 headers: tuple[tuple[bytes, bytes], ...] = ()):
+                 headers: tuple[tuple[bytes, bytes], ...] = (), anomaly: str | None = None,
+                 detail: str | None = None):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = headers
+        self.anomaly = anomaly
+        self.detail = detail
 
 
 def error_body(error_type: str, message: str) -> bytes:

@@ -9,8 +9,10 @@ ccpd's own or listed; on a listen reachable from the network, clients also need 
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
+import re
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.resource import Resource
@@ -20,6 +22,7 @@ from ccpd.web.errors import ApiError, api_error_response
 
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 _OPEN_PATHS = frozenset({b"/healthz"})  # liveness checks need no client token
+_ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*\Z")
 
 
 def split_host(host: str) -> tuple[str, int | None]:
@@ -34,6 +37,7 @@ def split_host(host: str) -> tuple[str, int | None]:
     return name, int(port) if port.isdigit() and len(port) <= 5 else -1
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same Host with every request
 def _is_loopback(name: str) -> bool:
     if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
         return True
@@ -86,10 +90,13 @@ class Guard(Resource):
                            "'Authorization: Bearer <token>'")
         # Only origin-form targets: Twisted routes "x/v1/messages" as "/v1/messages", and a
         # lane's URL is its base + the target, so any other form could change the lane's host.
-        if not request.uri.startswith(b"/"):
+        # Of visible ASCII only, as an HTTP client may send (Twisted lets DEL and bytes > 0x7f
+        # through to the request).
+        if not _ORIGIN_FORM.match(request.uri):
             self._count("bad_target")
             raise ApiError(400, "invalid_request_error",
-                           "the request-target must be a path starting with /")
+                           "the request-target must be a path starting with / (visible ASCII; "
+                           "percent-encode the rest)")
         try:
             unquote_to_bytes(request.path).decode("utf-8")
             if host is not None:

@@ -1,14 +1,22 @@
 """The proxy: forwards one client request to its lane and relays the answer chunk by chunk.
 
-Bytes go to the client as the upstream sends them (no buffering); usage is read from the same
-bytes on the way through. The usage line is written before the client's response is finished,
-and a client that goes away stops the upstream read at once.
+One request flows through four steps, each a method with one return type:
+
+1. **decide** (:meth:`Proxy._route`, then the governor): which lane and model serve it;
+2. **send** (:meth:`Proxy._send`): the request goes to the lane; the answer's headers are in;
+3. **hold** a limit answer (:meth:`Proxy._hold`) that may still be rerouted, or **relay** the
+   answer (:meth:`Proxy._relay`): bytes go to the client as the upstream sends them (no
+   buffering), and usage is read from the same bytes on the way through;
+4. **account** (:meth:`Proxy.handle`'s end): the quota windows, then the usage line.
+
+ccpd's own refusals and failures are raised as :class:`~ccpd.web.errors.ApiError` and turned
+into an answer in one place, :meth:`Proxy.handle`. The usage line is written before the
+client's response is finished, and a client that goes away stops the upstream read at once.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from uuid import uuid4
+import os
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
@@ -17,12 +25,13 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from ccpd import jsonparse
+from ccpd.config import Route
 from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
 from ccpd.limits import LimitAnswer, classify
 from ccpd.policy import BLOCKED, Decision
-from ccpd.usage import (StreamAccountant, TokenUsage, UsageRecord, merge_header_usage,
-                        usage_from_headers, usage_from_json)
-from ccpd.web.errors import error_response, sse_error_event
+from ccpd.usage import StreamAccountant, merge_header_usage, usage_from_headers, usage_from_json
+from ccpd.web.errors import ApiError, api_error_response, sse_error_event
+from ccpd.web.exchange import Exchange
 
 log = Logger()
 
@@ -31,63 +40,6 @@ log = Logger()
 _MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
 _CONTENT_LENGTH = frozenset({b"content-length"})
 OVERLOAD_RETRY_AFTER = b"1"  # seconds; the anthropic SDKs retry a 529 with a backoff of their own
-
-
-@dataclass
-class Exchange:
-    """What happened to one client request, filled in as it goes."""
-
-    rid: str
-    started: float
-    op: str
-    model: str
-    stream: bool
-    lane: str = ""
-    upstream: str = ""
-    header_mode: str = ""      # how the lane's credentials were set: passthrough, env, bearer-env
-    served_model: str = ""
-    status: int = 0
-    err_type: str | None = None
-    usage: TokenUsage = field(default_factory=TokenUsage)
-    first_byte_at: float | None = None
-    first_token_at: float | None = None
-    last_byte_at: float | None = None
-    finished_at: float | None = None
-    anomalies: list[dict] = field(default_factory=list)
-    decision: Decision | None = None
-    sent_model: str = ""       # the model the serving lane was asked for (after a rewrite)
-    wasted_retry_ms: int = 0
-    limit_class: str | None = None  # the class of a limit answer from the preferred lane
-    policy_fields: dict = field(default_factory=dict)  # quota and decision fields of the line
-
-    def anomaly(self, kind: str, detail: str, **extra) -> None:
-        self.anomalies.append({"kind": kind, "detail": detail, **extra})
-
-    @staticmethod
-    def span(start: float | None, end: float | None) -> float:
-        """Seconds from ``start`` to ``end``; 0 when either is unknown."""
-        return 0.0 if start is None or end is None else max(0.0, end - start)
-
-    def record(self, reroute_mode: str) -> UsageRecord:
-        def ms(start: float | None, end: float | None) -> int:
-            return round(self.span(start, end) * 1000)
-
-        return UsageRecord(
-            ts=self.started, rid=self.rid, model=self.model,
-            served_model=self.served_model or self.sent_model or self.model, lane=self.lane,
-            op=self.op,
-            stream=self.stream, status=self.status,
-            input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
-            cache_creation_input_tokens=self.usage.cache_creation_input_tokens,
-            cache_read_input_tokens=self.usage.cache_read_input_tokens,
-            ttft_ms=ms(self.started, self.first_token_at or self.first_byte_at),
-            stream_ms=ms(self.first_byte_at, self.last_byte_at),
-            dirty_ms=ms(self.started, self.finished_at),
-            err_type=self.err_type, upstream=self.upstream, reroute_mode=reroute_mode,
-            wasted_retry_ms=self.wasted_retry_ms, header_mode=self.header_mode,
-            upstream_model=self.sent_model, limit_class=self.limit_class,
-            **self.policy_fields,
-        )
 
 
 def _is_sse(response) -> bool:
@@ -102,11 +54,25 @@ def _with_model(body: bytes, payload: dict | None, model: str) -> bytes:
     return json.dumps({**payload, "model": model}).encode("utf-8")
 
 
+def _lowered(headers, prefix: bytes = b"") -> dict[str, str]:
+    """The last value of each header (whose name starts with ``prefix``), by lower-case name."""
+    return {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in headers.getAllRawHeaders()
+            if name.lower().startswith(prefix)}
+
+
+def _timed_out(_result, timeout: float):
+    """What a request cancelled by its timeout fails with, whatever its canceller said (the
+    HTTP client's is a ``ResponseNeverReceived``, not a ``CancelledError``)."""
+    raise defer.TimeoutError(f"no answer within {timeout:g}s")
+
+
 class _Relay(Protocol):
     """Receives an upstream body, handing each chunk on as it arrives.
 
-    ``done`` fires when the body ends. Cancelling it (Klein does, when the client goes away)
-    stops the upstream read; so does ``idle_timeout`` seconds without a byte.
+    ``done`` fires when the body ends. Cancelling it (when the client goes away) stops the
+    upstream read; so does ``idle_timeout`` seconds without a byte (an idle timeout, so it is
+    pushed back by every chunk rather than being one deadline for the whole body).
     """
 
     def __init__(self, on_chunk, clock, idle_timeout: float):
@@ -140,16 +106,6 @@ class _Relay(Protocol):
         self.transport.stopProducing()
 
 
-@dataclass
-class _HeldLimitAnswer:
-    """A limit answer from the preferred lane, held back (nothing reached the client yet) so
-    that the request can still be rerouted."""
-
-    response: object
-    body: bytes
-    answer: LimitAnswer
-
-
 class Proxy:
     """Sends requests to lanes and relays their answers; records every exchange."""
 
@@ -168,11 +124,13 @@ class Proxy:
 
         Every request ends as one usage line, ccpd's own 400 and 413 answers included.
         """
-        exchange = Exchange(rid=uuid4().hex, started=self.clock.seconds(), op=op, model="",
-                            stream=False)
+        exchange = Exchange(rid=os.urandom(16).hex(), started=self.clock.seconds(), op=op)
         self.active[exchange.rid] = request
         try:
-            return await self._serve(request, op, exchange)
+            return await self._serve(request, exchange)
+        except ApiError as error:
+            exchange.fail(error)
+            return api_error_response(request, error)
         except defer.CancelledError:
             exchange.status, exchange.err_type = 499, "client_disconnected"
             raise
@@ -192,45 +150,6 @@ class Proxy:
                 for waiter in waiters:
                     waiter.callback(None)
 
-    async def _serve(self, request, op: str, exchange: Exchange) -> bytes | None:
-        if len(self.active) > self.config.server.max_in_flight:  # this request is in active
-            self._overloaded.inc()
-            request.responseHeaders.setRawHeaders(b"retry-after", [OVERLOAD_RETRY_AFTER])
-            return self._refused(request, exchange, 529, "overloaded_error",
-                                 f"ccpd is serving {self.config.server.max_in_flight} requests "
-                                 f"already ([server] max_in_flight); retry shortly")
-        if getattr(request, "body_too_large", False):
-            return self._refused(request, exchange, 413, "request_too_large",
-                                 f"request body exceeds {self.config.server.max_body_bytes} bytes")
-        body = request.content.read()
-        payload = None
-        if op != "passthrough":
-            try:
-                payload = jsonparse.loads(body)
-                if not isinstance(payload, dict):
-                    raise ValueError("the body must be a JSON object")
-            except ValueError as e:
-                return self._refused(request, exchange, 400, "invalid_request_error",
-                                     f"request body is not valid JSON: {e}")
-            model = payload.get("model")
-            exchange.model = exchange.sent_model = model if isinstance(model, str) else ""
-            exchange.stream = op == "messages" and payload.get("stream") is True
-            route = self.config.route_for(exchange.model)
-        else:
-            route = self.config.route_for(None)
-        if op == "messages":
-            decision = exchange.decision = self.governor.decide(route)
-            if decision.decision == BLOCKED:
-                return self._blocked(request, route, decision, exchange)
-            return await self._messages(request, route, decision, body, payload, exchange)
-        return await self.forward(request, self.lanes[route.lane], body, exchange)
-
-    def _refused(self, request, exchange: Exchange, status: int, error_type: str,
-                 message: str) -> bytes:
-        """ccpd refuses the request itself (a client error): no lane, no anomaly."""
-        exchange.status, exchange.err_type = status, error_type
-        return error_response(request, status, error_type, message)
-
     def drain(self, grace: float) -> defer.Deferred:
         """Fires once no request is being served. Requests still running after ``grace``
         seconds are cut off (their usage lines are written with status 499)."""
@@ -248,94 +167,130 @@ class Proxy:
         waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return waiter
 
-    async def _messages(self, request, route, decision, body, payload, exchange) -> bytes | None:
+    # -- decide ----------------------------------------------------------------------------------
+
+    async def _serve(self, request, exchange: Exchange) -> bytes | None:
+        body, payload, route = self._route(request, exchange)
+        if exchange.op != "messages":
+            lane = self.lanes[route.lane]
+            return await self._relay(request, lane, await self._send(request, lane, body,
+                                                                      exchange), exchange)
+        decision = exchange.decision = self.governor.decide(route)
+        if decision.decision == BLOCKED:
+            raise self._blocked(route, decision, exchange)
+        return await self._messages(request, route, decision, body, payload, exchange)
+
+    def _route(self, request, exchange: Exchange) -> tuple[bytes, dict | None, Route]:
+        """The request's body, its JSON (None for a passthrough) and its route; refusals of
+        ccpd's own (too many in flight, body too large, not JSON) are raised."""
+        server = self.config.server
+        if len(self.active) > server.max_in_flight:  # this request is in active
+            self._overloaded.inc()
+            raise ApiError(529, "overloaded_error",
+                           f"ccpd is serving {server.max_in_flight} requests already "
+                           f"([server] max_in_flight); retry shortly",
+                           headers=((b"retry-after", OVERLOAD_RETRY_AFTER),))
+        if getattr(request, "body_too_large", False):
+            raise ApiError(413, "request_too_large",
+                           f"request body exceeds {server.max_body_bytes} bytes")
+        body = request.content.read()
+        if exchange.op == "passthrough":
+            return body, None, self.config.route_for(None)
+        try:
+            payload = jsonparse.loads(body)
+            if not isinstance(payload, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as e:
+            raise ApiError(400, "invalid_request_error",
+                           f"request body is not valid JSON: {e}") from None
+        model = payload.get("model")
+        exchange.model = exchange.sent_model = model if isinstance(model, str) else ""
+        exchange.stream = exchange.op == "messages" and payload.get("stream") is True
+        return body, payload, self.config.route_for(exchange.model)
+
+    def _blocked(self, route: Route, decision: Decision, exchange: Exchange) -> ApiError:
+        """The quota blocks every lane of ``route``: ccpd's own 429."""
+        retry_after = self.governor.retry_after(route)
+        exchange.lane, exchange.upstream = route.lane, self.lanes[route.lane].upstream
+        return ApiError(429, "rate_limit_error",
+                        f"ccpd: the token quota of {route.model} is used up on every lane "
+                        f"of its route ({decision.reason}); retry in {retry_after}s",
+                        headers=((b"retry-after", str(retry_after).encode()),),
+                        anomaly="quota_blocked", detail=decision.reason)
+
+    async def _messages(self, request, route: Route, decision: Decision, body: bytes,
+                        payload: dict, exchange: Exchange) -> bytes | None:
         """A Messages request under the reroute policy: one attempt, and one reroute when the
         preferred lane answers with a limit before anything reached the client."""
         exchange.sent_model = decision.model
         attempt_started = self.clock.seconds()
         lane = self.lanes[decision.lane]
-        result = await self.forward(request, lane, _with_model(body, payload, decision.model),
-                                    exchange, hold_limit=decision.lane == route.lane)
-        if not isinstance(result, _HeldLimitAnswer):
-            return result
+        response = await self._send(request, lane, _with_model(body, payload, decision.model),
+                                    exchange)
+        if decision.lane != route.lane or response.code < 400 or _is_sse(response):
+            return await self._relay(request, lane, response, exchange)
+        held = await self._hold(lane, response)
+        answer = classify(response.code, _lowered(response.headers), held, self.clock.seconds(),
+                          lane.config.reset_tzinfo, lane.config.auth.kind != "passthrough")
+        if answer.kind is None:
+            return self._relay_held(request, response, held, exchange)
         wasted = self.clock.seconds() - attempt_started
-        answer = result.answer
         exchange.limit_class = answer.label
         reroute = self.governor.after_limit(route, lane.name, answer, wasted)
         if reroute is None:
-            return self._send_held(request, result, exchange)
+            return self._relay_held(request, response, held, exchange)
+        self._rerouted(exchange, lane, response.code, answer, reroute, wasted)
+        lane = self.lanes[reroute.lane]
+        response = await self._send(request, lane, _with_model(body, payload, reroute.model),
+                                    exchange)
+        return await self._relay(request, lane, response, exchange)
+
+    @staticmethod
+    def _rerouted(exchange: Exchange, lane: Lane, status: int, answer: LimitAnswer,
+                  reroute: Decision, wasted: float) -> None:
         exchange.anomaly("upstream_limit", f"lane {lane.name!r} answered with a limit "
-                         f"({answer.label}, {answer.code or result.response.code}); rerouted to "
-                         f"{reroute.lane}/{reroute.model}", status=result.response.code,
+                         f"({answer.label}, {answer.code or status}); rerouted to "
+                         f"{reroute.lane}/{reroute.model}", status=status,
                          lane=lane.name, limit_class=answer.label)
         exchange.decision = reroute
         exchange.wasted_retry_ms = round(wasted * 1000)
         exchange.sent_model = reroute.model
-        return await self.forward(request, self.lanes[reroute.lane],
-                                  _with_model(body, payload, reroute.model), exchange)
 
-    def _blocked(self, request, route, decision, exchange: Exchange) -> bytes:
-        retry_after = self.governor.retry_after(route)
-        exchange.decision = decision
-        exchange.lane, exchange.upstream = route.lane, self.lanes[route.lane].upstream
-        exchange.status, exchange.err_type = 429, "rate_limit_error"
-        exchange.anomaly("quota_blocked", decision.reason, status=429)
-        request.responseHeaders.setRawHeaders(b"retry-after", [str(retry_after).encode()])
-        return error_response(request, 429, "rate_limit_error",
-                              f"ccpd: the token quota of {route.model} is used up on every lane "
-                              f"of its route ({decision.reason}); retry in {retry_after}s")
+    # -- send ------------------------------------------------------------------------------------
 
-    def _account(self, exchange: Exchange) -> None:
-        usage = exchange.usage
-        if not (usage.input_tokens or usage.output_tokens or usage.cache_creation_input_tokens
-                or usage.cache_read_input_tokens):
-            return
-
-        span = exchange.span
-        self.governor.account(
-            exchange.sent_model, exchange.lane, usage,
-            seconds=span(exchange.started, exchange.finished_at),
-            stream_seconds=span(exchange.first_byte_at, exchange.last_byte_at),
-            ttft_seconds=(span(exchange.started, exchange.first_token_at)
-                          if exchange.first_token_at else None))
-
-    async def forward(self, request, lane: Lane, body: bytes, exchange: Exchange,
-                      hold_limit: bool = False):
-        """Send the request to ``lane`` and relay its answer; a return value is ccpd's own
-        answer, or with ``hold_limit`` a :class:`_HeldLimitAnswer` that was not relayed."""
+    async def _send(self, request, lane: Lane, body: bytes, exchange: Exchange):
+        """Send the request to ``lane``; the answer (an ``IResponse``) once its headers are
+        in. ``ApiError`` when the lane has no credentials, cannot be reached or sends no
+        answer within its ``idle_timeout_s``; ``CancelledError`` when the client went away."""
         exchange.lane, exchange.upstream = lane.name, lane.upstream
         exchange.header_mode = lane.config.auth.kind
         try:
             headers = lane.upstream_headers(request.requestHeaders)
         except MissingCredential as e:
-            return self._failed(request, exchange, 502, "api_error", str(e))
-
-        sent = lane.request(
-            request.method, request.uri, headers,
-            body if body or request.method not in (b"GET", b"HEAD") else None)
+            raise ApiError(502, "api_error", str(e), anomaly="api_error") from None
         idle = lane.config.idle_timeout_s
-        timed_out = []
-        timer = self.clock.callLater(idle, lambda: (timed_out.append(True), sent.cancel()))
+        sent = lane.request(request.method, request.uri, headers,
+                            body if body or request.method not in (b"GET", b"HEAD") else None)
         try:
-            response = await sent
+            response = await sent.addTimeout(idle, self.clock, onTimeoutCancel=_timed_out)
+        except defer.TimeoutError:
+            raise ApiError(504, "timeout_error", f"lane {lane.name!r} sent no answer within "
+                                                 f"{idle:g}s", anomaly="timeout_error") from None
+        except defer.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - every failure to get an answer is ours to report
-            if timed_out:
-                return self._failed(request, exchange, 504, "timeout_error",
-                                    f"lane {lane.name!r} sent no answer within {idle:g}s")
-            if isinstance(e, defer.CancelledError) or request.channel is None:
+            if request.channel is None:
                 raise defer.CancelledError() from e  # the client went away
-            return self._failed(request, exchange, 502, "api_error",
-                                f"lane {lane.name!r} could not be reached: {describe_failure(e)}")
-        finally:
-            if timer.active():
-                timer.cancel()
+            raise ApiError(502, "api_error", f"lane {lane.name!r} could not be reached: "
+                                             f"{describe_failure(e)}", anomaly="api_error") from None
         self.governor.watch.observe_answer(lane.name, response.code, response.headers)
-        if hold_limit and response.code >= 400 and not _is_sse(response):
-            return await self._hold(request, lane, response, exchange)
-        return await self._relay(request, lane, response, exchange)
+        return response
 
-    async def _hold(self, request, lane: Lane, response, exchange: Exchange):
-        """Read a whole error answer before relaying it: a limit answer is held back."""
+    # -- hold or relay ---------------------------------------------------------------------------
+
+    async def _hold(self, lane: Lane, response) -> bytes:
+        """The whole (error) answer, read before anything of it reaches the client: a limit
+        answer may still be rerouted."""
         chunks: list[bytes] = []
         relay = _Relay(chunks.append, self.clock, lane.config.idle_timeout_s)
         response.deliverBody(relay)
@@ -344,29 +299,22 @@ class Proxy:
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - same as a failure before the answer
-            return self._failed(request, exchange, 502, "api_error",
-                                f"lane {lane.name!r} broke off its answer: {describe_failure(e)}")
-        body = b"".join(chunks)
-        headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
-                   for name, values in response.headers.getAllRawHeaders()}
-        answer = classify(response.code, headers, body, self.clock.seconds(),
-                          lane.config.reset_tzinfo, lane.config.auth.kind != "passthrough")
-        held = _HeldLimitAnswer(response, body, answer)
-        if answer.kind is not None:
-            return held
-        return self._send_held(request, held, exchange)
+            raise ApiError(502, "api_error", f"lane {lane.name!r} broke off its answer: "
+                                             f"{describe_failure(e)}", anomaly="api_error") from None
+        return b"".join(chunks)
 
-    def _send_held(self, request, held: _HeldLimitAnswer, exchange: Exchange) -> bytes:
-        response = held.response
+    def _relay_held(self, request, response, body: bytes, exchange: Exchange) -> bytes:
+        """A held answer goes to the client as the lane sent it."""
         exchange.status = response.code
         exchange.first_byte_at = exchange.last_byte_at = self.clock.seconds()
         request.setResponseCode(response.code)
         for name, values in forwardable(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        self._account_body(response, exchange, None, [held.body])
-        return held.body
+        self._account_body(response, exchange, None, [body])
+        return body
 
-    async def _relay(self, request, lane: Lane, response, exchange: Exchange) -> bytes | None:
+    async def _relay(self, request, lane: Lane, response, exchange: Exchange) -> None:
+        """The answer goes to the client chunk by chunk, as the lane sends it."""
         exchange.status = response.code
         is_sse = _is_sse(response)
         request.setResponseCode(response.code)
@@ -413,13 +361,13 @@ class Proxy:
                 if relay.timed_out else
                 ("api_error", f"lane {lane.name!r} broke off the response: "
                               f"{describe_failure(e)}"))
+            if not request.startedWriting:  # nothing reached the client: ccpd's own answer
+                request.responseHeaders = type(request.responseHeaders)()
+                raise ApiError(504 if relay.timed_out else 502, error_type, message,
+                               anomaly="upstream_broken") from None
             broken = True
             exchange.err_type = error_type
             exchange.anomaly("upstream_broken", message, status=response.code)
-            if not request.startedWriting:
-                request.responseHeaders = type(request.responseHeaders)()
-                return error_response(request, 504 if relay.timed_out else 502,
-                                      error_type, message)
             if is_sse:
                 request.write(sse_error_event(error_type, message))
             elif request.transport is not None:
@@ -429,16 +377,13 @@ class Proxy:
         finally:
             if producing and request.channel is not None:
                 request.unregisterProducer()
-
         self._account_body(response, exchange, accountant, kept, ended=not broken)
-        return None
+
+    # -- account ---------------------------------------------------------------------------------
 
     def _account_body(self, response, exchange, accountant, kept, ended=False) -> None:
         """Usage, served model and error of the relayed body; ``ended``: it came whole."""
-        header_usage = usage_from_headers(
-            {name.decode("latin-1").lower(): values[-1].decode("latin-1")
-             for name, values in response.headers.getAllRawHeaders()
-             if name.lower().startswith(b"x-")})
+        header_usage = usage_from_headers(_lowered(response.headers, b"x-"))
         if accountant is not None:
             usage, served, error_type, anomaly = (accountant.usage, accountant.served_model,
                                                   accountant.error_type, accountant.anomaly)
@@ -461,8 +406,16 @@ class Proxy:
             exchange.anomaly("upstream_error", error_type or f"HTTP {exchange.status}",
                              status=exchange.status)
 
-    def _failed(self, request, exchange: Exchange, status: int, error_type: str,
-                message: str) -> bytes:
-        exchange.status, exchange.err_type = status, error_type
-        exchange.anomaly(error_type, message, status=status)
-        return error_response(request, status, error_type, message)
+    def _account(self, exchange: Exchange) -> None:
+        """The exchange's tokens, counted against its model and lane."""
+        usage = exchange.usage
+        if not (usage.input_tokens or usage.output_tokens or usage.cache_creation_input_tokens
+                or usage.cache_read_input_tokens):
+            return
+        span = exchange.span
+        self.governor.account(
+            exchange.sent_model, exchange.lane, usage,
+            seconds=span(exchange.started, exchange.finished_at),
+            stream_seconds=span(exchange.first_byte_at, exchange.last_byte_at),
+            ttft_seconds=(span(exchange.started, exchange.first_token_at)
+                          if exchange.first_token_at else None))

@@ -8,6 +8,9 @@ instead of a dropped connection.
 from __future__ import annotations
 
 from twisted.web import http, server
+# Imported by name: every attribute looked up on the twisted.web.http module goes through its
+# deprecation proxy, a measurable cost on a path run for every request body.
+from twisted.web.http import _ChunkedTransferDecoder
 
 from ccpd.web.errors import error_body
 
@@ -92,7 +95,7 @@ class CcpdChannel(http.HTTPChannel):
         # of hex digits: 2**80 parses) would keep the connection waiting for bytes that ccpd
         # will not keep anyway. Refused as soon as its size line is in.
         decoder = self._transferDecoder
-        if (not self._refused and isinstance(decoder, http._ChunkedTransferDecoder)
+        if (not self._refused and isinstance(decoder, _ChunkedTransferDecoder)
                 and decoder.state == "BODY" and self.requests
                 and self.requests[-1].body_size + decoder.length > self.site.max_body_bytes):
             self.site.count_refusal("body_too_large")
