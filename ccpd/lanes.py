@@ -7,6 +7,7 @@ answers), cached briefly so that frequent ``/readyz`` checks never hammer a prov
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -14,7 +15,8 @@ from typing import Mapping
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
+                                       TCP6ClientEndpoint, wrapClientTLS)
 from twisted.web.client import (URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool,
                                 _HTTP11ClientFactory)
 from twisted.web._newclient import Request
@@ -215,12 +217,26 @@ class _LaneEndpoints:
         if endpoint is None:
             if uri.scheme not in (b"http", b"https"):
                 raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+            endpoint = _endpoint_for(self._reactor, uri.host, uri.port, self._timeout)
             if uri.scheme == b"https":
                 endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port),
                                          endpoint)
             self._endpoints[key] = endpoint
         return endpoint
+
+
+def _endpoint_for(reactor, host: bytes, port: int, timeout: float):
+    """A TCP endpoint for ``host``: an IP address is connected to as it is, a name through
+    ``HostnameEndpoint``, which resolves it on the reactor's thread pool (ten threads) for
+    every new connection; a burst of streams to a loopback or LAN lane by address would queue
+    there for nothing."""
+    name = host.decode("ascii")
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+    return endpoint(reactor, str(address), port, timeout=timeout)
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

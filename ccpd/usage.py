@@ -99,12 +99,13 @@ _HEADER_NAMES = {
 def usage_from_headers(headers: dict[str, str]) -> TokenUsage:
     """Usage from ``X-*`` response headers (names lower-case); zeros where absent."""
     counts = {}
-    for name, candidates in _HEADER_NAMES.items():
-        for header in candidates:
-            value = _tokens(headers.get(header))
-            if value is not None:
-                counts[name] = value
-                break
+    if headers:
+        for name, candidates in _HEADER_NAMES.items():
+            for header in candidates:
+                value = _tokens(headers.get(header))
+                if value is not None:
+                    counts[name] = value
+                    break
     return TokenUsage(**counts)
 
 

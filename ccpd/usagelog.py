@@ -34,11 +34,15 @@ def _finite(value):
     return value
 
 
+# Made once: json.dumps with arguments builds a new encoder for every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_line(record: dict) -> bytes:
     try:
-        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(record)
     except ValueError:
-        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(_finite(record))
     return text.encode("utf-8") + b"\n"
 
 

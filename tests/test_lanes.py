@@ -117,3 +117,20 @@ class ProbeTests(SynchronousTestCase):
         self.assertFalse(result.up)
         self.assertIn("NOPE is not set", result.error)
         self.assertEqual(self.upstream.calls, 0)
+
+
+def test_a_lane_by_address_connects_without_a_name_lookup():
+    """A name is resolved on the reactor's thread pool for each new connection: a burst of
+    streams would queue there; an address needs no lookup."""
+    from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
+                                            TCP6ClientEndpoint)
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import URI
+
+    from ccpd.lanes import _LaneEndpoints
+    endpoints = _LaneEndpoints(MemoryReactorClock(), 5)
+    kinds = {url: type(endpoints.endpointForURI(URI.fromBytes(url)))
+             for url in (b"http://127.0.0.1:9000", b"http://[::1]:9000", b"http://fake.test")}
+    assert kinds == {b"http://127.0.0.1:9000": TCP4ClientEndpoint,
+                     b"http://[::1]:9000": TCP6ClientEndpoint,
+                     b"http://fake.test": HostnameEndpoint}
