@@ -1,8 +1,12 @@
 """Shared benchmark machinery: processes, a minimal HTTP/1.1 client and statistics.
 
-Everything here is stdlib only. ccpd runs pinned to CPU 0; the fake upstream and the load
-generator (this process) share CPU 1, when ``taskset`` / ``sched_setaffinity`` and two CPUs exist.
-Processes are started in their own session and always stopped (SIGTERM, then SIGKILL).
+Everything here is stdlib only, plus ``gcc`` for the C peer (``cpeer.c``: a fast upstream and
+load generator, built on demand into results/bench/bin/). ccpd, and the in-stack floor relay
+(``floor.py``), run pinned to CPU 0; the upstream (the C peer or the Python fake) and the load
+generators (this process, or the C peer's ``load`` / ``burst`` modes) share CPU 1, when
+``taskset`` / ``sched_setaffinity`` and two CPUs exist. ccpd and the floor share CPU 0, so only
+one of them is ever under load at a time. Processes are started in their own session and always
+stopped (SIGTERM, then SIGKILL).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +33,10 @@ VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 TWISTD = str(VENV_BIN / "twistd") if (VENV_BIN / "twistd").exists() else "twistd"
 RESULTS = REPO / "results" / "bench"
+BENCH = Path(__file__).resolve().parent
+CPEER_SRC = BENCH / "cpeer.c"
+CPEER_BIN = RESULTS / "bin" / "cpeer"  # results/bench/ is git-ignored
+FLOOR = BENCH / "floor.py"
 
 CCPD_CPU, LOAD_CPU = 0, 1
 MESSAGE = b'{"model":"m","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}'
@@ -41,7 +50,7 @@ def can_pin() -> bool:
 
 
 def pin_self() -> None:
-    """Move the load generator onto LOAD_CPU (shared with the fake upstream)."""
+    """Move the load generator onto LOAD_CPU (shared with the upstream)."""
     if can_pin():
         os.sched_setaffinity(0, {LOAD_CPU})
 
@@ -86,15 +95,48 @@ def _wait_for(check, what: str, timeout: float = 20.0, proc=None):
     raise RuntimeError(f"{what}: not ready after {timeout:g}s")
 
 
-def _healthy(port: int) -> bool:
+def _healthy(port: int, path: str = "/healthz") -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             # ccpd answers only to a Host that names it, port included (421 otherwise)
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
-                      % port)
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
+                      % (path.encode(), port))
             return s.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+def _port_from(path: str):
+    """The port a process wrote to ``path`` (written whole: the peers write it by rename)."""
+    return os.path.exists(path) and Path(path).read_text().strip()
+
+
+def cpeer() -> str:
+    """The C peer's binary, built from cpeer.c when missing or older than the source."""
+    if CPEER_BIN.exists() and CPEER_BIN.stat().st_mtime >= CPEER_SRC.stat().st_mtime:
+        return str(CPEER_BIN)
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise RuntimeError(f"the benchmarks build their C peer ({CPEER_SRC.relative_to(REPO)}) "
+                           "with gcc, which is not on PATH: install gcc (e.g. apt-get install "
+                           "gcc); memory.py alone runs without it")
+    CPEER_BIN.parent.mkdir(parents=True, exist_ok=True)
+    tmp = CPEER_BIN.with_name(f"cpeer.{os.getpid()}.tmp")
+    built = subprocess.run([gcc, "-O2", "-o", str(tmp), str(CPEER_SRC)], capture_output=True,
+                           text=True)
+    if built.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"gcc could not build {CPEER_SRC.relative_to(REPO)}:\n"
+                           f"{built.stderr[-3000:]}")
+    os.replace(tmp, CPEER_BIN)
+    return str(CPEER_BIN)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process ``pid`` has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
@@ -111,16 +153,24 @@ def stop(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
 
 
 class Stack:
-    """The fake upstream (CPU 1) and ccpd in front of it (CPU 0), in a temporary directory.
+    """An upstream (CPU 1) with ccpd and/or the floor relay in front of it (CPU 0), in a
+    temporary directory.
 
-    ``lane_extra``: extra ``key = value`` lines for the lane section (e.g. idle_timeout_s).
+    ``upstream``: ``"cpeer"`` (the C peer: canned JSON and SSE answers, never the bottleneck) or
+    ``"fake"`` (``ccpd.testing.fakeupstream``: timed events, scenarios such as hangs).
+    ``floor``: also start the in-stack floor (``floor.py``) in front of the same upstream.
+    ``lane_extra``: extra ``key = value`` lines for ccpd's lane section (e.g. idle_timeout_s).
     """
 
-    def __init__(self, lane_extra: dict | None = None):
+    def __init__(self, lane_extra: dict | None = None, upstream: str = "cpeer",
+                 floor: bool = False, ccpd: bool = True):
+        if upstream not in ("cpeer", "fake"):
+            raise ValueError(f"upstream {upstream!r}: cpeer or fake")
         self.lane_extra = lane_extra or {}
+        self.upstream, self.with_floor, self.with_ccpd = upstream, floor, ccpd
         self.tmp = tempfile.mkdtemp(prefix="ccpd-bench-")
-        self.fake = self.ccpd = None
-        self.direct_port = self.proxy_port = 0
+        self.fake = self.ccpd = self.floor = None  # .fake: the upstream, whichever it is
+        self.direct_port = self.proxy_port = self.floor_port = 0
 
     def __enter__(self) -> "Stack":
         try:
@@ -131,7 +181,7 @@ class Stack:
         return self
 
     def __exit__(self, *exc) -> None:
-        for proc in (self.ccpd, self.fake):
+        for proc in (self.ccpd, self.floor, self.fake):
             stop(proc)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -143,12 +193,31 @@ class Stack:
                                     start_new_session=True)
 
     def _start(self) -> None:
-        port_file = os.path.join(self.tmp, "fake.port")
-        self.fake = self._spawn([PYTHON, "-m", "ccpd.testing.fakeupstream", "--port", "0",
-                                 "--port-file", port_file, "--no-record"], LOAD_CPU, "fake.log")
-        self.direct_port = int(_wait_for(
-            lambda: os.path.exists(port_file) and Path(port_file).read_text().strip(),
-            "fake upstream", proc=self.fake))
+        port_file = os.path.join(self.tmp, "upstream.port")
+        if self.upstream == "cpeer":
+            cmd = [cpeer(), "serve", port_file]
+        else:
+            cmd = [PYTHON, "-m", "ccpd.testing.fakeupstream", "--port", "0",
+                   "--port-file", port_file, "--no-record"]
+        self.fake = self._spawn(cmd, LOAD_CPU, "upstream.log")
+        self.direct_port = int(_wait_for(lambda: _port_from(port_file), f"{self.upstream} "
+                                         "upstream", proc=self.fake))
+        if self.with_floor:
+            self._start_floor()
+        if self.with_ccpd:
+            self._start_ccpd()
+
+    def _start_floor(self) -> None:
+        port_file = os.path.join(self.tmp, "floor.port")
+        self.floor = self._spawn([PYTHON, str(FLOOR), "--port-file", port_file, "--upstream",
+                                  f"http://127.0.0.1:{self.direct_port}"], CCPD_CPU, "floor.log")
+        self.floor_port = int(_wait_for(lambda: _port_from(port_file), "floor relay",
+                                        proc=self.floor))
+        # both upstreams answer GET /v1/models with 200: one relayed round trip
+        _wait_for(lambda: _healthy(self.floor_port, "/v1/models"), "floor relay",
+                  proc=self.floor)
+
+    def _start_ccpd(self) -> None:
         self.proxy_port = free_port()
         quotas = os.path.join(self.tmp, "quotas.json")
         Path(quotas).write_text('{"models": {}}')
@@ -171,8 +240,15 @@ class Stack:
     def ccpd_log(self) -> str:
         return Path(self.tmp, "ccpd.log").read_text(errors="replace")
 
+    def log(self, name: str) -> str:
+        """The output of ``ccpd``, ``floor`` or ``upstream``."""
+        return Path(self.tmp, f"{name}.log").read_text(errors="replace")
+
     def ccpd_rss_kb(self) -> int:
         return rss_kb(self.ccpd.pid)
+
+    def ccpd_peak_rss_kb(self) -> int:
+        return rss_kb(self.ccpd.pid, "VmHWM")
 
 
 def free_port() -> int:
@@ -181,11 +257,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """Resident set of ``pid`` in KB: now (VmRSS) or its peak so far (``field="VmHWM"``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 # -- HTTP/1.1 client ----------------------------------------------------------------------------
@@ -295,6 +372,42 @@ async def closed_loop(port: int, raw: bytes, connections: int, seconds: float,
             "rps": round(len(latencies) / elapsed, 1), **summary_ms(latencies)}
 
 
+def _run_cpeer(mode: str, port: int, raw: bytes, connections: int, amount, timeout: float):
+    with tempfile.NamedTemporaryFile(prefix="ccpd-bench-request-") as request:
+        request.write(raw)
+        request.flush()
+        done = subprocess.run(_taskset(LOAD_CPU) + [cpeer(), mode, str(port), str(connections),
+                                                    str(amount), request.name],
+                              capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"cpeer {mode} failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def closed_loop_c(port: int, raw: bytes, connections: int, seconds: float,
+                  cpu_pid: int | None = None) -> dict:
+    """:func:`closed_loop` by the C load generator (pinned to LOAD_CPU): ``connections``
+    keep-alive connections each sending ``raw`` back to back for ``seconds``; latency per
+    request, send to last body byte. With ``cpu_pid``, also the CPU that process spent over the
+    run: ``cpu_s`` and ``cpu_us_per_req`` (its whole CPU time, divided by the requests)."""
+    before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    result = _run_cpeer("load", port, raw, connections, seconds, seconds + 60)
+    if cpu_pid:
+        spent = cpu_seconds(cpu_pid) - before
+        result["cpu_s"] = round(spent, 3)
+        result["cpu_us_per_req"] = (round(spent / result["requests"] * 1e6, 1)
+                                    if result["requests"] else None)
+    return result
+
+
+def burst_c(port: int, raw: bytes, connections: int, waves: int) -> dict:
+    """``waves`` times (after one warm-up wave), ``connections`` keep-alive connections each send
+    ``raw`` (a streaming request) at the same moment (C peer, LOAD_CPU). Per request: TTFT (send
+    to the first complete ``content_block_delta`` event) as p50_ms/p99_ms/max_ms, and send to
+    the end of the answer as complete_p50_ms/...; ``streams`` counted, ``errors``."""
+    return _run_cpeer("burst", port, raw, connections, waves, 120 + waves * 60)
+
+
 # -- statistics and output ----------------------------------------------------------------------
 
 def percentile(values, q: float) -> float:
@@ -312,10 +425,33 @@ def summary_ms(ns_values) -> dict:
             "max_ms": round(max(ns_values) / 1e6, 3)}
 
 
-def arguments(doc: str) -> argparse.Namespace:
+def spread(values) -> dict:
+    """Median and range of the figures of several runs (None values left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(statistics.median(values), 3), "min": min(values),
+            "max": max(values)}
+
+
+def shown(s: dict, unit: str = "") -> str:
+    """``median`` alone, or ``median (min-max)`` over several runs."""
+    def num(v) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
+    if s["median"] is None:
+        return "-"
+    if s["min"] == s["max"]:
+        return f"{num(s['median'])}{unit}"
+    return f"{num(s['median'])}{unit} ({num(s['min'])}-{num(s['max'])})"
+
+
+def arguments(doc: str, runs: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
     parser.add_argument("--no-save", action="store_true", help="do not write results/bench/")
+    if runs:
+        parser.add_argument("--runs", type=int, default=1, metavar="N",
+                            help="repeat the measurement N times; report medians and ranges")
     return parser.parse_args()
 
 

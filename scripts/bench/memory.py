@@ -7,6 +7,9 @@
 - Flat RSS: VmRSS after a warm-up, after LOAD more requests and after LOAD more again
   (32 keep-alive connections, non-streaming). Reported, judged flat when the second batch
   grows RSS by at most FLAT_KB.
+- Peak RSS under load (issue 9): ccpd's VmHWM (the most it was ever resident) once the flat-RSS
+  load is over. Target <= 70 MB (71 680 KB). The peak with N idle streams held is shown too.
+Both use the Python fake upstream (the idle streams need its ``hang-after-headers``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ except ImportError:
 
 TARGET_KB_PER_STREAM = 32
 FLAT_KB = 1024
+TARGET9_PEAK_KB = 70 * 1024  # issue 9: peak RSS under load <= 70 MB
 
 
 async def settle(stack: h.Stack, seconds: float = 1.0) -> int:
@@ -62,7 +66,8 @@ async def per_stream(stack: h.Stack, streams: int) -> dict:
     after = await settle(stack, 2.0)
     per = (held - idle) / streams
     return {"streams": streams, "rss_idle_kb": idle, "rss_with_streams_kb": held,
-            "rss_after_close_kb": after, "kb_per_stream": round(per, 1)}
+            "rss_after_close_kb": after, "kb_per_stream": round(per, 1),
+            "peak_rss_kb": stack.ccpd_peak_rss_kb()}
 
 
 async def flat(stack: h.Stack, load: int) -> dict:
@@ -76,6 +81,7 @@ async def flat(stack: h.Stack, load: int) -> dict:
     await run(load)
     marks["rss_after_batch2_kb"] = await settle(stack)
     marks["seconds"] = round(time.perf_counter() - started, 1)
+    marks["peak_rss_kb"] = stack.ccpd_peak_rss_kb()
     return {"requests_per_batch": load, **marks,
             "growth_batch2_kb": marks["rss_after_batch2_kb"] - marks["rss_after_batch1_kb"]}
 
@@ -83,25 +89,31 @@ async def flat(stack: h.Stack, load: int) -> dict:
 def run(quick: bool = False, no_save: bool = False) -> dict:
     h.pin_self()
     streams, load = (100, 2000) if quick else (500, 20000)
-    with h.Stack(lane_extra={"idle_timeout_s": 3600}) as stack:
+    with h.Stack(lane_extra={"idle_timeout_s": 3600}, upstream="fake") as stack:
         result = {"idle_streams": asyncio.run(per_stream(stack, streams))}
-    with h.Stack() as stack:
+    with h.Stack(upstream="fake") as stack:
         result["flat_rss"] = asyncio.run(flat(stack, load))
     s, f = result["idle_streams"], result["flat_rss"]
-    result["targets"] = {"kb_per_stream": TARGET_KB_PER_STREAM, "flat_growth_kb": FLAT_KB}
+    result["targets"] = {"kb_per_stream": TARGET_KB_PER_STREAM, "flat_growth_kb": FLAT_KB,
+                         "issue9_peak_rss_kb": TARGET9_PEAK_KB}
     result["pass"] = {"kb_per_stream": s["kb_per_stream"] <= TARGET_KB_PER_STREAM,
-                      "flat": f["growth_batch2_kb"] <= FLAT_KB}
+                      "flat": f["growth_batch2_kb"] <= FLAT_KB,
+                      "issue9_peak_rss": f["peak_rss_kb"] <= TARGET9_PEAK_KB}
     print(f"\nccpd RSS with {streams} idle open streams")
     print(h.table([[s["rss_idle_kb"], s["rss_with_streams_kb"], s["rss_after_close_kb"],
-                    s["kb_per_stream"]]],
-                  ["idle_kb", f"with_{streams}_kb", "after_close_kb", "kb_per_stream"]))
+                    s["kb_per_stream"], s["peak_rss_kb"]]],
+                  ["idle_kb", f"with_{streams}_kb", "after_close_kb", "kb_per_stream",
+                   "peak_kb"]))
     print(f"\nccpd RSS under load ({load} requests per batch, 32 connections)")
     print(h.table([[f["rss_after_warmup_kb"], f["rss_after_batch1_kb"],
-                    f["rss_after_batch2_kb"], f["growth_batch2_kb"]]],
-                  ["after_warmup_kb", "after_batch1_kb", "after_batch2_kb", "batch2_growth_kb"]))
+                    f["rss_after_batch2_kb"], f["growth_batch2_kb"], f["peak_rss_kb"]]],
+                  ["after_warmup_kb", "after_batch1_kb", "after_batch2_kb", "batch2_growth_kb",
+                   "peak_kb"]))
     print(f"targets: <= {TARGET_KB_PER_STREAM} KB per idle stream "
           f"({h.verdict(result['pass']['kb_per_stream'])}), flat RSS: second batch grows "
           f"<= {FLAT_KB} KB ({h.verdict(result['pass']['flat'])})")
+    print(f"issue 9 target: peak RSS under load <= {TARGET9_PEAK_KB} KB "
+          f"({h.verdict(result['pass']['issue9_peak_rss'])})")
     return h.save("memory", result, quick, no_save)
 
 
