@@ -8,9 +8,10 @@ ccpd is stopped (SIGTERM writes the profile) and the profile is summarised into 
 Twisted's HTTP server, Klein/werkzeug routing, ccpd's own work and Twisted's HTTP client, by
 the file each function lives in (own time), plus the top functions.
 
-    .venv/bin/python scripts/perf/profile_proxy.py [--seconds 10] [--stream] [--top 40]
+    .venv/bin/python scripts/perf/profile_proxy.py [--seconds 10] [--stream] [--top 40] [--floor]
 
-Writes ``results/perf/profile-<mode>.prof`` (load it with ``python -m pstats`` or snakeviz)
+``--floor`` profiles the in-stack floor (``scripts/bench/floor.py``) the same way, for the
+comparison. Writes ``results/perf/profile-<mode>.prof`` (load it with ``python -m pstats`` or snakeviz)
 and prints the tables. cProfile itself slows ccpd down about 2x: use the shares, not the
 absolute times. Stdlib and the project only.
 """
@@ -61,17 +62,23 @@ def bucket(filename: str) -> str:
 
 
 class ProfiledStack(h.Stack):
-    """The bench stack with ccpd under cProfile."""
+    """The bench stack with ccpd (or, ``floor``, the in-stack floor alone) under cProfile."""
 
-    def __init__(self, prof: Path):
-        super().__init__()
+    def __init__(self, prof: Path, floor: bool):
+        super().__init__(floor=floor, ccpd=not floor)
         self.prof = prof
 
     def _spawn(self, cmd, cpu, log):
         if cmd and cmd[0] == h.TWISTD:
             cmd = [h.TWISTD, "-n", f"--profile={self.prof}", "--profiler=cprofile",
                    "--savestats", *cmd[2:]]
+        elif str(h.FLOOR) in cmd:  # written when SIGTERM stops its reactor
+            cmd = [h.PYTHON, "-m", "cProfile", "-o", str(self.prof), *cmd[1:]]
         return super()._spawn(cmd, cpu, log)
+
+    @property
+    def port(self) -> int:
+        return self.floor_port if self.with_floor else self.proxy_port
 
 
 def main() -> int:
@@ -80,16 +87,17 @@ def main() -> int:
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--floor", action="store_true",
+                        help="profile the in-stack floor (scripts/bench/floor.py) instead")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    mode = "stream" if args.stream else "json"
+    mode = ("stream" if args.stream else "json") + ("-floor" if args.floor else "")
     prof = OUT / f"profile-{mode}.prof"
     prof.unlink(missing_ok=True)
     h.pin_self()
-    with ProfiledStack(prof) as stack:
-        raw = h.build_request(stack.proxy_port, h.STREAM_MESSAGE if args.stream else h.MESSAGE)
-        result = asyncio.run(h.closed_loop(stack.proxy_port, raw, args.connections,
-                                           args.seconds))
+    with ProfiledStack(prof, args.floor) as stack:
+        raw = h.build_request(stack.port, h.STREAM_MESSAGE if args.stream else h.MESSAGE)
+        result = asyncio.run(h.closed_loop(stack.port, raw, args.connections, args.seconds))
     h._wait_for(lambda: prof.exists() and prof.stat().st_size > 0, "profile file", 30)
     requests = result["requests"]
     stats = pstats.Stats(str(prof))
