@@ -23,6 +23,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ccpd import jsonparse
 from ccpd.config import Route
@@ -39,6 +40,7 @@ log = Logger()
 # it cannot be a Messages answer worth parsing.
 _MAX_ACCOUNTED_BODY = 8 * 1024 * 1024
 _CONTENT_LENGTH = frozenset({b"content-length"})
+_SMALL_ANSWER = 64 * 1024  # bytes
 OVERLOAD_RETRY_AFTER = b"1"  # seconds; the anthropic SDKs retry a 529 with a backoff of their own
 
 
@@ -343,9 +345,12 @@ class Proxy:
 
         relay = _Relay(on_chunk, clock, lane.config.idle_timeout_s)
         response.deliverBody(relay)
-        producing = not relay.done.called
+        # Backpressure: a slow client pauses the upstream read instead of filling memory. An
+        # answer of known small length cannot fill memory: it is relayed without (registering
+        # and unregistering a producer is a measurable share of a small answer's cost).
+        producing = not relay.done.called and not (
+            response.length is not UNKNOWN_LENGTH and response.length <= _SMALL_ANSWER)
         if producing:
-            # Backpressure: a slow client pauses the upstream read instead of filling memory.
             request.registerProducer(relay.transport, True)
         broken = False
         try:
