@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/python scripts/bench/run_all.py
+	$(BIN)/python scripts/bench/run_all.py --runs 3
 
 clean:
 	rm -rf $(VENV) *.egg-info twisted/plugins/dropin.cache
