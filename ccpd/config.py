@@ -53,6 +53,7 @@ class LaneConfig:
     base_url: str
     auth: LaneAuth = LaneAuth()
     probe_path: str = "/v1/models"
+    probe_interval: float = 30.0  # seconds between readiness probes of this lane
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     reset_tz: str = "+00:00"
@@ -367,6 +368,7 @@ _KEYS: dict[str, dict[str, tuple[Callable[[str], object], str | None]]] = {
         "base_url": (_base_url, None),
         "auth": (_auth, None),
         "probe_path": (_path, None),
+        "probe_interval": (_positive_duration, None),
         "connect_timeout_s": (_positive_number, None),
         "idle_timeout_s": (_positive_number, None),
         "reset_tz": (_tz_offset, None),

@@ -3,7 +3,8 @@ and persistent connection pool each lane owns (closed when the service stops).
 
 Also the readiness probe: a GET of each lane's ``probe_path``, where any answer from 200 to 405
 counts as up ("provider policy": an unauthenticated probe that gets 401 still proves the lane
-answers), cached briefly so that frequent ``/readyz`` checks never hammer a provider.
+answers). A timer probes every lane each ``probe_interval`` (:class:`ccpd.timers.LaneProber`);
+``/readyz`` answers from the latest result, so frequent checks never hammer a provider.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ HOP_BY_HOP = frozenset({
 })
 _CLIENT_CREDENTIALS = (b"x-api-key", b"authorization")
 
-PROBE_CACHE_SECONDS = 10.0
+PROBE_USER_AGENT = b"ccpd-probe"
 
 
 class MissingCredential(Exception):
@@ -66,6 +67,7 @@ class ProbeResult:
     status: int | None
     error: str | None
     checked_at: float
+    seconds: float | None = None  # how long the probe took
 
 
 class Lane:
@@ -156,10 +158,13 @@ class Lane:
             return b"authorization", [b"Bearer " + key]
         return b"x-api-key", [key]
 
-    def probe(self) -> defer.Deferred:
-        """Fire with a :class:`ProbeResult`; recent results are reused, concurrent calls shared."""
+    def probe(self, max_age: float | None = None) -> defer.Deferred:
+        """Fire with a :class:`ProbeResult` no older than ``max_age`` seconds (default: the
+        lane's ``probe_interval``); concurrent probes are shared."""
         now = self._reactor.seconds()
-        if self.last_probe and now - self.last_probe.checked_at < PROBE_CACHE_SECONDS:
+        if max_age is None:
+            max_age = self.config.probe_interval
+        if self.last_probe and now - self.last_probe.checked_at < max_age:
             return defer.succeed(self.last_probe)
         waiter: defer.Deferred = defer.Deferred()
         if self._probe_waiters is None:
@@ -171,8 +176,9 @@ class Lane:
 
     async def _run_probe(self) -> None:
         status = error = None
+        started = self._reactor.seconds()
         try:
-            headers = Headers({b"user-agent": [b"ccpd-readyz"]})
+            headers = Headers({b"user-agent": [PROBE_USER_AGENT]})
             if self.config.auth.kind != "passthrough":
                 headers.setRawHeaders(*self._credential_header())
             response = await self.client.get(
@@ -187,7 +193,8 @@ class Lane:
         up = status is not None and 200 <= status <= 405
         if not up and error is None:
             error = f"probe answered HTTP {status}"
-        result = ProbeResult(self.name, up, status, error, self._reactor.seconds())
+        now = self._reactor.seconds()
+        result = ProbeResult(self.name, up, status, error, now, round(now - started, 6))
         if self.last_probe is None or self.last_probe.up != up:
             log.info("lane {lane} is {state} ({detail})", lane=self.name,
                      state="up" if up else "down", detail=error or f"HTTP {status}")
@@ -279,13 +286,30 @@ def describe_failure(error: BaseException) -> str:
 
 
 class Lanes(service.Service):
-    """All configured lanes; closes their connection pools on stop."""
+    """All configured lanes; closes their connection pools on stop. Every probe result goes
+    to the ``ccp_lane_up`` and ``ccp_lane_probe_seconds`` gauges (when ``metrics`` is given)."""
 
     name = "lanes"
 
     def __init__(self, configs: Mapping[str, LaneConfig], reactor,
-                 environ: Mapping[str, str] = os.environ):
+                 environ: Mapping[str, str] = os.environ, metrics=None):
         self.by_name = {name: Lane(cfg, reactor, environ) for name, cfg in configs.items()}
+        self.metrics = metrics
+
+    def probe(self, lane: Lane, max_age: float | None = None) -> defer.Deferred:
+        """:meth:`Lane.probe`, its result shown on the gauges."""
+        return lane.probe(max_age).addCallback(self._show)
+
+    def probe_all(self) -> defer.Deferred:
+        """Every lane's result no older than its ``probe_interval``, in lane order."""
+        return defer.gatherResults([self.probe(lane) for lane in self])
+
+    def _show(self, result: ProbeResult) -> ProbeResult:
+        if self.metrics is not None:
+            self.metrics.lane_up.labels(result.lane).set(1 if result.up else 0)
+            if result.seconds is not None:
+                self.metrics.lane_probe_seconds.labels(result.lane).set(result.seconds)
+        return result
 
     def __getitem__(self, name: str) -> Lane:
         return self.by_name[name]

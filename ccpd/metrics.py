@@ -103,6 +103,9 @@ class Metrics:
         self.lane_up = Gauge(
             "ccp_lane_up", "1 when the lane's last readiness probe answered 200-405, else 0.",
             ["lane"], registry=r)
+        self.lane_probe_seconds = Gauge(
+            "ccp_lane_probe_seconds", "How long the lane's last readiness probe took.",
+            ["lane"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(_Sanitised(self.registry))

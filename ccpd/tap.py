@@ -22,7 +22,7 @@ from ccpd.quotapoll import QuotaPoller
 from ccpd.quotas import QuotaError, Quotas, load_quotas
 from ccpd.recorder import USAGE_LOG, Recorder
 from ccpd.store.service import StoreService
-from ccpd.timers import CalibrationSampler, ProbeResultsWatcher
+from ccpd.timers import CalibrationSampler, LaneProber, ProbeResultsWatcher
 from ccpd.web.app import CcpdApp
 from ccpd.web.site import CcpdSite
 
@@ -85,7 +85,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     :meth:`CcpdService.stopService`).
     """
     metrics = Metrics()
-    lanes = Lanes(config.lanes, reactor, environ)
+    lanes = Lanes(config.lanes, reactor, environ, metrics)
     recorder = Recorder(config.logs, metrics, config.routing.reroute_mode, reactor)
     store = StoreService(config.store, os.path.join(config.logs.dir, USAGE_LOG), metrics,
                          reactor)
@@ -104,6 +104,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
                                       sample_s, clock=reactor),
                   QuotaPoller(lanes, governor.evidence, metrics, reactor,
                               on_readings=governor.watch.observe_readings),
+                  *(LaneProber(lanes, lane, clock=reactor) for lane in lanes),
                   store):
         child.setServiceParent(top)
     server = config.server

@@ -1,5 +1,5 @@
-"""The periodic jobs of the quota engine, each a timer service of its own: the calibration
-sampler and the watcher of the GLM probe results file. A failing tick is logged and the next
+"""The periodic jobs, each a timer service of its own: the calibration sampler, the watcher of
+the GLM probe results file, and the lanes' readiness probes. A failing tick is logged and the next
 one still runs (a bare LoopingCall stops for good after one exception)."""
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ class CalibrationSampler(_Timer):
                          "{confidence}", model=model, pct=warn.warn_pct_auto,
                          confidence=warn.confidence)
         governor.update_gauges(now)
+
+
+class LaneProber(_Timer):
+    """Probes one lane every ``probe_interval`` (and at start), so ``ccp_lane_up`` and
+    ``ccp_lane_probe_seconds`` always say how the lane is, and ``/readyz`` answers from the
+    latest result. A probe's failure is its result ("down"), never the timer's end."""
+
+    def __init__(self, lanes, lane, clock=None):
+        super().__init__(lane.config.probe_interval, clock)
+        self.name = f"lane-prober:{lane.name}"
+        self.lanes = lanes
+        self.lane = lane
+
+    def tick(self) -> None:
+        self.lanes.probe(self.lane, max_age=0)
 
 
 class ProbeResultsWatcher(_Timer):

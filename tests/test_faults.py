@@ -145,7 +145,9 @@ class CcpdProcess:
         self.config.write_text(
             ccpd_ini(directory, upstream_url, server_extra=server_extra)
             .replace("listen = tcp:0:", f"listen = tcp:{self.port}:")
-            .replace("idle_timeout_s = 2\n", f"idle_timeout_s = {idle_timeout_s:g}\n"))
+            # no periodic readiness probe (only the one at start) in a socket count
+            .replace("idle_timeout_s = 2\n",
+                     f"idle_timeout_s = {idle_timeout_s:g}\nprobe_interval = 1h\n"))
         self.child: subprocess.Popen | None = None
 
     async def start(self) -> float:

@@ -776,10 +776,11 @@ def raw_to_ccpd(config: FuzzConfig, data: bytes) -> tuple[bytes, list[tuple[int,
         transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", PORT),
                                     peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         channel.makeConnection(transport)
+        probes = len(ccpd.clock.tcpClients)  # the lanes' readiness probes at start
         channel.dataReceived(data)
         ccpd.clock.advance(0)
         upstream = []
-        for host, port, factory, _timeout, _bind in ccpd.clock.tcpClients:
+        for host, port, factory, _timeout, _bind in ccpd.clock.tcpClients[probes:]:
             sent = StringTransport()
             factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(sent)
             ccpd.clock.advance(0)

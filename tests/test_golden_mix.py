@@ -147,6 +147,7 @@ MIX = (
 # their values are not.
 VOLATILE_METRICS = frozenset({
     "ccp_wasted_retry_seconds",              # how long the limit answer took, on loopback
+    "ccp_lane_probe_seconds",                # how long the lanes' readiness probes took
     "ccp_provider_reset_timestamp_seconds",  # a reset time relative to the wall clock
     "ccp_store_size_bytes",                  # SQLite file and WAL sizes
     "ccp_rollup_duration_seconds",           # how many roller ticks ran so far

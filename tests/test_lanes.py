@@ -84,7 +84,7 @@ class ProbeTests(SynchronousTestCase):
         self.lane.client = StubTreq(self.upstream)
 
     def probe(self):
-        self.clock.advance(60)  # past the cache
+        self.clock.advance(60)  # past the last result's interval
         return self.successResultOf(self.lane.probe())
 
     def test_200_to_405_is_up(self):
@@ -100,14 +100,17 @@ class ProbeTests(SynchronousTestCase):
             self.assertEqual((result.up, result.status), (False, code))
             self.assertIn(str(code), result.error)
 
-    def test_results_are_cached_briefly(self):
+    def test_a_result_is_reused_for_its_probe_interval(self):
         self.probe()
         self.successResultOf(self.lane.probe())
+        self.clock.advance(29)
         self.successResultOf(self.lane.probe())
         self.assertEqual(self.upstream.calls, 1)
-        self.clock.advance(11)
+        self.clock.advance(1)
         self.successResultOf(self.lane.probe())
         self.assertEqual(self.upstream.calls, 2)
+        self.successResultOf(self.lane.probe(max_age=0))  # the prober's: always a new one
+        self.assertEqual(self.upstream.calls, 3)
 
     def test_missing_key_is_down_without_a_request(self):
         lane = Lane(LaneConfig(name="z", base_url="http://up.test", auth=LaneAuth("env", "NOPE")),
@@ -134,3 +137,27 @@ def test_a_lane_by_address_connects_without_a_name_lookup():
     assert kinds == {b"http://127.0.0.1:9000": TCP4ClientEndpoint,
                      b"http://[::1]:9000": TCP6ClientEndpoint,
                      b"http://fake.test": HostnameEndpoint}
+
+
+def test_a_prober_keeps_probing_whatever_a_probe_did():
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from ccpd.timers import LaneProber
+    clock = Clock()
+    lane = Lane(LaneConfig(name="l", base_url="http://up.test", probe_interval=5), clock, {})
+    calls = []
+
+    class Lanes:
+        def probe(self, probed, max_age=None):
+            calls.append((probed.name, max_age, clock.seconds()))
+            if len(calls) == 1:
+                raise RuntimeError("a bug in one probe")
+            return defer.succeed(None)
+
+    prober = LaneProber(Lanes(), lane, clock=clock)
+    prober.startService()
+    clock.advance(5)
+    clock.advance(5)
+    prober.stopService()
+    assert calls == [("l", 0, 0.0), ("l", 0, 5.0), ("l", 0, 10.0)]

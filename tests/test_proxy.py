@@ -17,7 +17,6 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed
 
 from ccpd import tap
-from ccpd.lanes import PROBE_CACHE_SECONDS
 # post, until, free_port and the constants are imported from here by modules written before
 # tests/support.py existed
 from tests.support import (MESSAGE, SECRET, UPSTREAM_URL, ZAI_SECRET, free_port,  # noqa: F401
@@ -366,24 +365,27 @@ def test_healthz(memory_ccpd):
     assert answer.header("content-type") == "application/json"
 
 
-def probes(fake) -> int:
-    return sum(1 for r in fake.requests if r.path.endswith("/v1/models"))
-
-
-def test_readyz_up_and_cached(memory_ccpd):
-    ccpd = memory_ccpd()
+def test_lanes_are_probed_on_their_own_and_readyz_answers_from_the_latest(memory_ccpd):
+    ccpd = memory_ccpd()  # probe_interval: the default 30 s
+    assert ccpd.upstream.probes == 2  # each lane once at start, before anyone asked
+    assert ccpd.metric("ccp_lane_up", lane="anthropic") == 1.0
+    assert ccpd.metric("ccp_lane_probe_seconds", lane="zai") == 0.0  # on a Clock, no time
     first = ccpd.get("/readyz")
     body = first.json()
     assert first.code == 200 and body["ready"] is True
     assert set(body["lanes"]) == {"anthropic", "zai"}
-    assert probes(ccpd.upstream) == 2
-    ccpd.advance(PROBE_CACHE_SECONDS - 1)
+    assert body["lanes"]["anthropic"]["probe_seconds"] == 0.0
+    ccpd.advance(29)
     assert ccpd.get("/readyz").code == 200
-    assert probes(ccpd.upstream) == 2  # answered from the cache
+    assert ccpd.upstream.probes == 2  # answered from the probers' results
     ccpd.advance(1)
-    assert ccpd.get("/readyz").code == 200
-    assert probes(ccpd.upstream) == 4
-    assert ccpd.metric("ccp_lane_up", lane="anthropic") == 1.0
+    assert ccpd.upstream.probes == 4  # the probers, every 30 s, with no /readyz
+    # a prober that stopped (or is late): /readyz probes that lane itself, once
+    ccpd.service.getServiceNamed("lane-prober:zai").stopService()
+    ccpd.advance(31)
+    assert ccpd.upstream.probes == 5
+    assert ccpd.get("/readyz").code == 200 and ccpd.upstream.probes == 6
+    assert ccpd.get("/readyz").code == 200 and ccpd.upstream.probes == 6
 
 
 def test_readyz_names_the_failing_lane(memory_ccpd):

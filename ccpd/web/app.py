@@ -262,13 +262,15 @@ class CcpdApp:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self, request):
-        results = await defer.gatherResults([lane.probe() for lane in self.lanes])
+        # The probers' latest results; a lane's is probed here only when older than its
+        # probe_interval (say the prober is late).
+        results = await self.lanes.probe_all()
         unusable = self.governor.evidence.unusable  # an account problem: up, but cannot serve
         lanes = {}
         for result in results:
-            self.metrics.lane_up.labels(result.lane).set(1 if result.up else 0)
             lanes[result.lane] = {"up": result.up, "status": result.status,
                                   "error": result.error, "checked_at": result.checked_at,
+                                  "probe_seconds": result.seconds,
                                   "usable": result.lane not in unusable,
                                   "unusable_reason": unusable.get(result.lane)}
         ready = all(result.up for result in results)
