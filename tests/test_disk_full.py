@@ -17,6 +17,7 @@ from twisted.internet import reactor, task
 
 from ccpd.config import LogsConfig
 from ccpd.metrics import Metrics
+from ccpd.store.writer import RETRY_MAX_S
 from ccpd.recorder import SPOOL_RETRY_SECONDS, Recorder
 from ccpd.usagelog import RotatingJSONLWriter
 
@@ -151,9 +152,11 @@ async def test_requests_served_while_the_disk_is_full_reach_the_log_and_the_stor
     ready = json.loads(await (await treq.get(ccpd.url + "/readyz")).content())
     assert ready["degraded"] is False
 
-    # The store retries on its own (1 s, 2 s, 4 s ...): every request reaches it too.
+    # The store retries on its own (1 s, 2 s, 4 s ... at most RETRY_MAX_S): every request
+    # reaches it too, at the latest one backoff after the disk accepts writes again (the
+    # longer the disk was full, e.g. on a loaded machine, the longer that backoff).
     store = ccpd.service.app.store
-    for _ in range(200):
+    for _ in range(int((RETRY_MAX_S + 5) / 0.05)):
         rows = await store.store.run(lambda cursor: cursor.execute(
             "SELECT rid FROM usage_sample").fetchall())
         if len(rows) == 51:
