@@ -20,6 +20,7 @@ from ccpd import jsonparse
 from ccpd.quotas import QuotaError
 from ccpd.store import queries
 from ccpd.usage import TokenUsage
+from ccpd.web import dashboard
 from ccpd.web import views
 from ccpd.web.errors import error_response
 from ccpd.web.guard import Guard
@@ -288,6 +289,21 @@ class CcpdApp:
     def metrics_exposition(self, request):
         request.responseHeaders.setRawHeaders(b"content-type", [self.metrics.content_type.encode()])
         return self.metrics.exposition()
+
+    # -- dashboard (ccpd/web/dashboard.py): one page and its two files, nothing else -------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    @app.route("/dashboard", methods=["GET", "HEAD"])
+    def dashboard_page(self, request):
+        return dashboard.serve(request, dashboard.PAGE)
+
+    @app.route("/static/<name>", methods=["GET", "HEAD"])
+    def dashboard_asset(self, request, name):
+        body = dashboard.serve(request, name)
+        if body is None:
+            return error_response(request, 404, "not_found_error",
+                                  f"ccpd has no route for {request.path.decode('latin-1')}")
+        return body
 
     # -- errors ---------------------------------------------------------------------------------
 
