@@ -4,12 +4,18 @@
 rolling and weekly quota is used, the headroom left, whether ccpd warns or blocks, the warn
 threshold (configured and auto-calibrated) and how far off the calibration gap is.
 ``--speeds`` adds throughput columns, ``--debug-quota`` a per-model policy section, ``--json``
-prints the daemon's answer as it is.
+prints the daemon's answer as it is, ``--watch [SECONDS]`` refreshes until Ctrl-C. On a terminal
+the view is laid out with ``rich`` (:mod:`ccpd.cli_rich`); piped, it is the plain text of
+:func:`format_status`.
+
+``ccp statusline`` prints one short line for Claude Code's status line: see
+:mod:`ccpd.statusline`.
 
 ``ccp db status | export | import`` work on the store file itself: see :mod:`ccpd.cli_db`.
 
-Stdlib only, so it runs from any Python without the daemon's dependencies. The formatting is in
-small pure functions (:func:`format_status`, :func:`human_tokens`,
+Stdlib only apart from ``rich`` for terminals (imported only there, and optional: without it a
+terminal gets the plain text), so it runs from any Python without the daemon's dependencies.
+The formatting is in small pure functions (:func:`format_status`, :func:`human_tokens`,
 ...) so tests call them directly. Every field of the usage body may be null or missing; it then
 prints as ``-``.
 
@@ -18,20 +24,20 @@ run by the ``func`` it sets.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from ccpd import jsonparse
+
+# argparse, urllib and rich are imported where they are used: ``ccp statusline`` (which Claude
+# Code runs on every update) must start in a few milliseconds (see ccpd.statusline).
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 URL_ENV = "CCP_URL"
 TIMEOUT_S = 5.0
+WATCH_DEFAULT_S = 2.0
 DASH = "-"
 
 EXIT_OK = 0
@@ -410,6 +416,10 @@ def _error_message(raw: bytes) -> str | None:
 
 def fetch_json(url: str, path: str, timeout: float = TIMEOUT_S):
     """GET ``url + path`` and parse it as JSON, raising :class:`CliError` for every failure."""
+    import socket
+    import urllib.error
+    import urllib.request
+
     target = url + path
     try:
         with urllib.request.urlopen(target, timeout=timeout) as resp:
@@ -474,16 +484,87 @@ def _emit(text: str, stream) -> None:
 
 # --------------------------------------------------------------------------- commands
 
+def _on_terminal(stream, environ=None) -> bool:
+    """Whether ``stream`` is a terminal that can take rich's layout (not ``TERM=dumb``)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (ValueError, OSError):
+        return False
+
+
+def _cli_rich():
+    """:mod:`ccpd.cli_rich`, or None when rich is not installed (then: plain text)."""
+    try:
+        from ccpd import cli_rich
+    except ImportError:
+        return None
+    return cli_rich
+
+
+def _fetch_usage(url: str) -> dict:
+    return check_usage_body(fetch_json(url, "/v1/usage"), url + "/v1/usage")
+
+
 def cmd_status(args) -> int:
     url = resolve_url(args.url)
+    if args.watch is not None:
+        return watch_status(args, url)
     body = fetch_json(url, "/v1/usage")
     if args.json:
         _emit(json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False), sys.stdout)
         return EXIT_OK
     body = check_usage_body(body, url + "/v1/usage")
+    rich_view = None if args.plain or not _on_terminal(sys.stdout) else _cli_rich()
+    if rich_view is not None:
+        rich_view.print_status(body, speeds=args.speeds, debug=args.debug_quota, url=url,
+                               colour=use_colour(sys.stdout))
+        return EXIT_OK
     _emit(format_status(body, speeds=args.speeds, debug=args.debug_quota,
                         colour=use_colour(sys.stdout), url=url), sys.stdout)
     return EXIT_OK
+
+
+def watch_status(args, url: str) -> int:
+    """``ccp status --watch``: refresh until Ctrl-C, which ends it cleanly (exit 0). On a
+    terminal the view is redrawn in place (rich Live); elsewhere each refresh is printed as
+    plain text after a blank line. A failed refresh is shown, and the watch goes on."""
+    interval = args.watch
+    rich_view = None if args.plain or not _on_terminal(sys.stdout) else _cli_rich()
+    try:
+        if rich_view is not None:
+            rich_view.watch(lambda: _fetch_usage(url), interval, speeds=args.speeds,
+                            debug=args.debug_quota, url=url, colour=use_colour(sys.stdout))
+        else:
+            first = True
+            while True:
+                try:
+                    text = format_status(_fetch_usage(url), speeds=args.speeds,
+                                         debug=args.debug_quota,
+                                         colour=use_colour(sys.stdout), url=url)
+                except CliError as e:
+                    text = e.message
+                _emit(text if first else "\n" + text, sys.stdout)
+                first = False
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _watch_seconds(text: str) -> float:
+    import argparse
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError("give between 0.1 and 86400 seconds")
+    return seconds
 
 
 def _add_status_parser(sub) -> None:
@@ -494,27 +575,77 @@ def _add_status_parser(sub) -> None:
                    help="add requests, output tokens/s and time-to-first-token columns")
     p.add_argument("--debug-quota", action="store_true",
                    help="add each model's reroute policy state below the table")
-    p.add_argument("--json", action="store_true", help="print the daemon's /v1/usage answer as is")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true",
+                     help="print the daemon's /v1/usage answer as is")
+    how.add_argument("--watch", nargs="?", const=WATCH_DEFAULT_S, type=_watch_seconds,
+                     metavar="SECONDS",
+                     help=f"refresh every SECONDS (default {WATCH_DEFAULT_S:g}) until Ctrl-C")
+    p.add_argument("--plain", action="store_true",
+                   help="plain text on a terminal too (what a pipe gets; no table layout)")
     p.add_argument("--url", metavar="URL",
                    help=f"ccpd base URL (default: ${URL_ENV} or {DEFAULT_URL})")
     p.set_defaults(func=cmd_status)
 
 
+def cmd_statusline(args) -> int:
+    from ccpd import statusline
+
+    colour = {"always": True, "never": False}.get(args.color)
+    return statusline.run({"url": args.url, "timeout": args.timeout, "model": args.model,
+                           "colour": colour})
+
+
+def _add_statusline_parser(sub) -> None:
+    from ccpd.statusline import TIMEOUT_S as STATUSLINE_TIMEOUT_S
+
+    p = sub.add_parser(
+        "statusline", help="one line for Claude Code's status line (reads its JSON on stdin)",
+        description="Print one short line about the model Claude Code is using (model.id of "
+                    "the JSON on stdin): the lane that serves it now, the quota used (ccpd's "
+                    "count and the provider's), when it resets, reroutes and cooldowns. Never "
+                    "waits more than --timeout for the daemon; when it does not answer, says "
+                    "so (`ccpd: not running`) and exits 0. Claude Code settings.json: "
+                    '{"statusLine": {"type": "command", "command": "ccp statusline"}}')
+    p.add_argument("--url", metavar="URL",
+                   help=f"ccpd base URL (default: ${URL_ENV} or {DEFAULT_URL})")
+    p.add_argument("--timeout", type=float, default=STATUSLINE_TIMEOUT_S, metavar="SECONDS",
+                   help=f"total time to wait for the daemon (default {STATUSLINE_TIMEOUT_S:g})")
+    p.add_argument("--model", metavar="MODEL", help="the model to show instead of stdin's")
+    colour = p.add_mutually_exclusive_group()
+    colour.add_argument("--color", "--colour", dest="color", action="store_const",
+                        const="always", help="ANSI colours (the default unless NO_COLOR is set)")
+    colour.add_argument("--no-color", "--no-colour", dest="color", action="store_const",
+                        const="never", help="no ANSI colours")
+    p.set_defaults(func=cmd_statusline, color=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     from ccpd import cli_db  # it imports this module's CliError and helpers
     parser = argparse.ArgumentParser(
         prog="ccp",
         description="Command-line client for ccpd, the local Anthropic API gateway: "
-                    "`ccp status` asks the running daemon (--url, else $CCP_URL, else "
-                    f"{DEFAULT_URL}); `ccp db status|export|import` work on its SQLite "
-                    f"store (--db, else ${cli_db.DB_ENV}, else {cli_db.DEFAULT_DB}).")
+                    "`ccp status` and `ccp statusline` ask the running daemon (--url, else "
+                    f"$CCP_URL, else {DEFAULT_URL}); `ccp db status|export|import` work on "
+                    f"its SQLite store (--db, else ${cli_db.DB_ENV}, else {cli_db.DEFAULT_DB}).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_status_parser(sub)
+    _add_statusline_parser(sub)
     cli_db.add_db_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["statusline"]:
+        # the fast path: no argparse, no store modules (see ccpd.statusline); anything
+        # unusual (--help, a typo) goes through argparse below
+        from ccpd import statusline
+        opts = statusline.parse_args(argv[1:])
+        if opts is not None:
+            return statusline.run(opts)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

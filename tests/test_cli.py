@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -372,3 +373,187 @@ def test_unknown_option_is_usage_error(capsys):
 def test_status_help_exits_zero(capsys):
     assert main(["status", "--help"]) == 0
     assert "--debug-quota" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- --watch, terminals
+
+SGR_COLOUR = re.compile(r"\x1b\[(?:[0-9]+;)*(?:3[0-8]|9[0-7])(?:;[0-9]+)*m")
+
+
+def test_watch_option_parsing():
+    from ccpd.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["status"]).watch is None
+    assert parse(["status", "--watch"]).watch == 2.0
+    assert parse(["status", "--watch", "5"]).watch == 5.0
+    assert parse(["status", "--watch", "--speeds"]).speeds is True
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["status", "--watch", "0"], "between 0.1 and 86400"),
+    (["status", "--watch", "soon"], "not a number of seconds"),
+    (["status", "--watch", "--json"], "not allowed with argument"),
+])
+def test_watch_option_errors(capsys, argv, says):
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
+
+
+class PtyProcess:
+    """The installed ``ccp`` on a pseudo-terminal (a terminal of 160x50), its output read."""
+
+    def __init__(self, args: list[str], env_extra=None):
+        import fcntl
+        import pty
+        import signal
+        import struct
+        import termios
+
+        script = Path(sys.executable).parent / "ccp"
+        assert script.exists(), f"console script {script} not installed (pip install -e .)"
+        try:
+            self.master, slave = pty.openpty()
+        except OSError as e:  # a sandbox without /dev/ptmx
+            pytest.skip(f"no pseudo-terminal here: {e}")
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        # the terminal's size and kind, not the runner's overrides (rich reads these)
+        skip = ("CCP_URL", "NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TTY_COMPATIBLE",
+                "TTY_INTERACTIVE", "COLORTERM", "JUPYTER_COLUMNS", "JUPYTER_LINES")
+        env = {k: v for k, v in os.environ.items() if k not in skip}
+        env.update(TERM="xterm-256color", **(env_extra or {}))
+        # SIGINT as a terminal delivers it: whatever the test runner's own disposition
+        self.proc = subprocess.Popen(
+            [str(script), *args], stdin=slave, stdout=slave, stderr=slave, env=env,
+            close_fds=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        os.close(slave)
+        self.output = b""
+
+    def read_until(self, done, timeout: float = 20) -> bool:
+        """Read until ``done(output)`` or EOF or ``timeout``; whether ``done`` came true."""
+        import select
+        deadline = time.monotonic() + timeout
+        while not done(self.output):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.1))
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    return done(self.output)
+                self.output += chunk
+        return True
+
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.master)
+
+
+def _interrupt_and_wait(pty_proc) -> int:
+    import signal
+    pty_proc.proc.send_signal(signal.SIGINT)
+    pty_proc.read_until(lambda out: False, timeout=3)  # drain until EOF (or 3 s)
+    return pty_proc.proc.wait(10)
+
+
+def test_watch_refreshes_in_place_on_a_terminal_until_ctrl_c(daemon):
+    p = PtyProcess(["status", "--watch", "0.2", "--url", daemon.url])
+    try:
+        assert p.read_until(lambda out: b"refresh 2 " in out), p.text()
+        assert len(daemon.paths) >= 2
+        code = _interrupt_and_wait(p)
+        text = p.text()
+    finally:
+        p.close()
+    assert code in (0, 130)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert text.count("glm-4.6") >= 2               # drawn once per refresh...
+    assert "\x1b[1A" in text and "\x1b[2K" in text  # ...over the previous one (cursor up, erase)
+    assert "WARN" in text and "1.6M/2M" in text and "Ctrl-C to quit" in text
+    assert SGR_COLOUR.search(text)                  # a terminal gets colours
+    assert text.rstrip().endswith("\x1b[?25h")      # the cursor is given back
+
+
+def test_watch_without_colour_when_NO_COLOR(daemon):
+    p = PtyProcess(["status", "--watch", "0.2", "--url", daemon.url], {"NO_COLOR": "1"})
+    try:
+        assert p.read_until(lambda out: b"refresh 2 " in out), p.text()
+        code = _interrupt_and_wait(p)
+        text = p.text()
+    finally:
+        p.close()
+    assert code in (0, 130) and "Traceback" not in text
+    assert "WARN" in text and not SGR_COLOUR.search(text)
+
+
+def test_watch_goes_on_when_a_refresh_fails(daemon):
+    p = PtyProcess(["status", "--watch", "0.2", "--url", daemon.url])
+    try:
+        assert p.read_until(lambda out: b"refresh 1 " in out), p.text()
+        daemon.status, daemon.body = 500, b'{"error": {"message": "store broken"}}'
+        assert p.read_until(lambda out: b"store broken" in out), p.text()
+        assert p.proc.poll() is None                 # still watching
+        code = _interrupt_and_wait(p)
+    finally:
+        p.close()
+    assert code in (0, 130)
+
+
+def test_status_on_a_terminal_is_a_rich_table(daemon):
+    p = PtyProcess(["status", "--speeds", "--url", daemon.url])
+    try:
+        p.read_until(lambda out: False, timeout=20)   # until it exits
+        code = p.proc.wait(10)
+        text = p.text()
+    finally:
+        p.close()
+    assert code == 0 and "Traceback" not in text
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert "TTFT" in plain and "640ms" in plain    # at 160 columns titles may wrap
+    glm = next(line for line in plain.splitlines() if line.startswith("glm-4.6"))
+    assert glm.split()[:5] == ["glm-4.6", "1.6M/2M", "17.5%", "1.6M/20M", "91.8%"]
+    assert "\x1b[33mWARN" in text                   # the state in colour
+    # --plain: what a pipe gets, on a terminal too
+    p = PtyProcess(["status", "--plain", "--url", daemon.url], {"NO_COLOR": "1"})
+    try:
+        p.read_until(lambda out: False, timeout=20)
+        p.proc.wait(10)
+        text = p.text().replace("\r\n", "\n")
+    finally:
+        p.close()
+    body = json.loads(daemon.body)
+    assert text.rstrip("\n").endswith(format_status(body, url=daemon.url).splitlines()[-1])
+    assert header_cells(text) == header_cells(format_status(body))
+
+
+def test_watch_piped_prints_each_refresh_as_plain_text(daemon):
+    import signal
+    script = Path(sys.executable).parent / "ccp"
+    env = {k: v for k, v in os.environ.items() if k not in ("CCP_URL", "NO_COLOR")}
+    proc = subprocess.Popen([str(script), "status", "--watch", "0.2", "--url", daemon.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen = []
+        while sum(line.startswith(b"MODEL") for line in seen) < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            seen.append(line)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, 130) and b"Traceback" not in err
+    assert ANSI.encode() not in b"".join(seen) + rest
+    first = b"".join(seen).decode().split("\n\n", 1)[0]
+    assert first == format_status(json.loads(daemon.body), url=daemon.url).split("\n\n", 1)[0]
