@@ -464,13 +464,7 @@ def check_usage_body(body, target: str) -> dict:
 def use_colour(stream, environ=None) -> bool:
     """Colour only on a terminal, and not when ``NO_COLOR`` is set (https://no-color.org)."""
     environ = os.environ if environ is None else environ
-    if "NO_COLOR" in environ or environ.get("TERM") == "dumb":
-        return False
-    isatty = getattr(stream, "isatty", None)
-    try:
-        return bool(isatty and isatty())
-    except (ValueError, OSError):
-        return False
+    return "NO_COLOR" not in environ and _on_terminal(stream, environ)
 
 
 def _emit(text: str, stream) -> None:

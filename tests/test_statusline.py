@@ -229,50 +229,6 @@ class UsageServer:
         self.thread.join(5)
 
 
-class SilentServer:
-    """Accepts connections and reads the request, then answers nothing (``dribble``: one
-    byte of a valid answer every 50 ms, forever) -- a daemon that hangs."""
-
-    def __init__(self, dribble: bool = False):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.dribble = dribble
-        self.stop = threading.Event()
-        self.conns = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        self.sock.settimeout(0.05)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.conns.append(conn)
-            if self.dribble:
-                threading.Thread(target=self._dribble, args=(conn,), daemon=True).start()
-
-    def _dribble(self, conn):
-        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000
-        for byte in answer:
-            if self.stop.wait(0.05):
-                return
-            try:
-                conn.sendall(bytes([byte]))
-            except OSError:
-                return
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(5)
-        for conn in self.conns:
-            conn.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def usage_server():
     server = UsageServer(FIXTURE.read_bytes())
@@ -354,7 +310,7 @@ def test_command_when_ccpd_is_not_running():
 
 @pytest.mark.parametrize("dribble", [False, True], ids=["silent", "dribbling"])
 def test_command_when_ccpd_hangs(dribble):
-    server = SilentServer(dribble=dribble)
+    server = RawServer(_DRIBBLED if dribble else None, linger=True, dribble=dribble)
     try:
         proc, took = run_statusline(server.url, session(), "--no-color")
     finally:
@@ -417,7 +373,7 @@ def test_help_goes_through_argparse():
 def test_fetch_deadline_is_total():
     """The deadline covers the whole exchange: a daemon sending a byte every 50 ms (each
     read succeeds well within a per-read timeout) is still cut off at the deadline."""
-    server = SilentServer(dribble=True)
+    server = RawServer(_DRIBBLED, linger=True, dribble=True)
     try:
         started = time.monotonic()
         with pytest.raises(Unavailable, match="ccpd: not answering"):
@@ -467,15 +423,19 @@ def test_fixture_unchanged_by_formatting(body):
 # --------------------------------------------------------------------------- the HTTP client
 
 class RawServer:
-    """Answers each connection with ``answer`` (bytes), then keeps it open (``linger``) or
-    closes it -- for answers a BaseHTTPRequestHandler would not send."""
+    """A socket that reads each connection's request and answers it with ``answer`` (bytes),
+    then closes the connection or (``linger``) keeps it open -- for answers an HTTP server
+    would not send. ``answer=None``: never answers (a daemon that hangs); ``dribble``: one
+    byte of ``answer`` every 50 ms."""
 
-    def __init__(self, answer: bytes, linger: bool = False):
-        self.answer, self.linger, self.requests = answer, linger, []
+    def __init__(self, answer: bytes | None = None, linger: bool = False,
+                 dribble: bool = False):
+        self.answer, self.linger, self.dribble, self.requests = answer, linger, dribble, []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
+        self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self.stop = threading.Event()
         self.conns = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -488,6 +448,11 @@ class RawServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 continue
+            self.conns.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        try:
             conn.settimeout(2)
             request = b""
             while b"\r\n\r\n" not in request:
@@ -496,11 +461,19 @@ class RawServer:
                     break
                 request += chunk
             self.requests.append(request)
-            conn.sendall(self.answer)
-            if self.linger:
-                self.conns.append(conn)
+            if self.answer is None:
+                return
+            if self.dribble:
+                for byte in self.answer:
+                    if self.stop.wait(0.05):
+                        return
+                    conn.sendall(bytes([byte]))
             else:
+                conn.sendall(self.answer)
+            if not self.linger:
                 conn.close()
+        except OSError:
+            pass
 
     def close(self):
         self.stop.set()
@@ -508,6 +481,9 @@ class RawServer:
         for conn in self.conns:
             conn.close()
         self.sock.close()
+
+
+_DRIBBLED = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000
 
 
 def test_keep_alive_chunked_and_until_close_answers():
