@@ -110,6 +110,13 @@ def memory_ccpd(config: FuzzConfig):
             service = build_service(config_from_string(text, source="fuzz.ini", environ={}),
                                     clock, {"ZAI_TEST_KEY": "zai-secret-key-123"})
         service.startService()
+        # The lanes' readiness probes at start are answered (up), so that /readyz answers
+        # from their results as in a daemon instead of waiting for them.
+        for host, port, factory, _timeout, _bind in clock.tcpClients:
+            probe = factory.buildProtocol(IPv4Address("TCP", host, port))
+            probe.makeConnection(StringTransport())
+            probe.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        clock.advance(0)
         [(port, site, _backlog, interface)] = clock.tcpServers
         network = MemoryNetwork(clock)
         network.serve(interface, port, site)
