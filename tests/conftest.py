@@ -62,3 +62,30 @@ def memory_ccpd(tmp_path):
     yield start
     for ccpd in running:
         ccpd.stop()
+
+
+# -- PostgreSQL (tests/pg.py) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (:class:`tests.pg.PostgresServer`), stopped
+    and removed at its end; every test using it is skipped, with the reason, where PostgreSQL
+    cannot be had (:func:`tests.pg.skip_reason`)."""
+    from tests import pg
+    reason = pg.skip_reason()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL: {reason}")
+    with pg.PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres(postgres_server):
+    """A fresh database of its own on the session's server (a :class:`tests.pg.Database`:
+    ``postgres.dsn``; ``postgres.server`` to ``restart()``, ``stop()``, ``kill()``, ``start()``
+    it or make more with ``fresh_database()``). Afterwards the server runs again, whatever the
+    test did to it, and the database is dropped."""
+    database = postgres_server.fresh_database()
+    yield database
+    postgres_server.start()
+    database.drop()
