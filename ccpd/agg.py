@@ -38,7 +38,7 @@ Output
     sorted base names of the input files. Unlike the endpoint there is no wall-clock ``ts``:
     the files depend on the inputs only, so a rerun over the same inputs is byte-identical.
     Written as ``json.dumps(sort_keys=True, indent=2)`` plus a newline, each atomically
-    (temporary file in ``--out``, then ``os.replace``).
+    (temporary file in ``--out``, flushed to disk, then ``os.replace``: ``ccpd.store.files``).
 
 Errors (no ``--in`` directory, no input file, a file that cannot be read, a ``.sqlite3`` that
 is not a SQLite database or has no ``usage_sample`` table) print one line naming the file on
@@ -56,9 +56,9 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from ccpd import jsonparse
 from ccpd.store.queries import (
     DAY, SAMPLE_COLUMNS, insert_samples, query_rollups, roll_span, sample_row_of)
+from ccpd.store.files import atomic_file, connect_readonly, jsonl_lines
 from ccpd.store.schema import migrate
 
 DEFAULT_OUT = "results/rollups"
@@ -114,9 +114,8 @@ def _valid_key(ts, rid) -> bool:
 
 def read_sqlite(path: Path, warn) -> list[tuple]:
     """The ``usage_sample`` rows of a store, as ``SAMPLE_COLUMNS`` tuples."""
-    uri = path.resolve().as_uri() + "?mode=ro"
     try:
-        connection = sqlite3.connect(uri, uri=True)
+        connection = connect_readonly(path)
     except sqlite3.Error as e:
         raise AggError(f"{path}: cannot open: {e}") from None
     try:
@@ -147,34 +146,18 @@ def _row_or_none(record) -> tuple | None:
 
 def read_jsonl(path: Path, warn) -> list[tuple]:
     """The sample rows of an export or a daemon log."""
+    samples, skipped, first_skipped = [], 0, None
     try:
         with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+            for line in jsonl_lines(f):
+                row = _row_or_none(line.record)
+                if row is not None:
+                    samples.append(row)
+                elif not line.ignored:
+                    skipped += 1
+                    first_skipped = first_skipped or line.number
     except OSError as e:
         raise AggError(f"{path}: cannot read: {e.strerror or e}") from None
-    torn = lines.pop() if lines else b""  # after the last newline: empty unless torn
-    samples, skipped, first_skipped = [], 0, None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = jsonparse.loads(line)
-        except ValueError:
-            record = None
-        row = _row_or_none(record)
-        if row is not None:
-            samples.append(row)
-        else:
-            skipped += 1
-            first_skipped = first_skipped or number
-    if torn.strip():
-        try:
-            record = jsonparse.loads(torn)
-        except ValueError:
-            record = None  # a crash mid-write: skipped silently
-        row = _row_or_none(record)
-        if row is not None:
-            samples.append(row)  # whole, only the final newline is missing
     if skipped:
         warn(f"{path}: skipped {skipped} line(s) that are not samples (first: line "
              f"{first_skipped})")
@@ -220,26 +203,6 @@ def render(granularity: str, models: dict, sources: list[str], samples: int) -> 
     return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode("utf-8")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except OSError:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
 def aggregate(directories: list[str], out: str, warn=None) -> dict:
     """Merge the inputs of ``directories`` into ``out``; what was done, for the summary."""
     warn = warn or (lambda message: None)
@@ -253,7 +216,8 @@ def aggregate(directories: list[str], out: str, warn=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         for granularity, models in (("hour", hours), ("day", days)):
             path = out_dir / f"rollup_{granularity}.json"
-            write_atomically(path, render(granularity, models, sources, len(samples)))
+            with atomic_file(path) as f:
+                f.write(render(granularity, models, sources, len(samples)))
             written[granularity] = path
     except OSError as e:
         raise AggError(f"{e.filename or out}: cannot write: {e.strerror or e}") from None

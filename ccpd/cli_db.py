@@ -16,9 +16,9 @@ import sqlite3
 import sys
 import time
 
-from ccpd import jsonparse
 from ccpd.cli import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
 from ccpd.store import queries, schema
+from ccpd.store.files import atomic_file, connect_readonly, jsonl_lines
 
 DEFAULT_DB = "logs/ccp.sqlite3"
 DB_ENV = "CCP_DB_PATH"
@@ -102,11 +102,8 @@ def _require_store(path: str) -> None:
 
 def _connect_ro(path: str):
     """A read-only connection: never creates nor changes the file."""
-    from urllib.parse import quote
-
-    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
     try:
-        return sqlite3.connect(uri, uri=True, timeout=DB_TIMEOUT_S)
+        return connect_readonly(path, DB_TIMEOUT_S)
     except sqlite3.Error as e:
         raise _sqlite_error(path, e)
 
@@ -278,17 +275,13 @@ def cmd_db_export(args) -> int:
             rows.close()
         sys.stdout.flush()
         return EXIT_OK
-    partial = f"{args.out}.part"
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
+        with atomic_file(args.out, "w", encoding="utf-8", newline="") as out:
             n = write_export(out, columns, rows, fmt)
-        os.replace(partial, args.out)
     except OSError as e:
         raise CliError(f"ccp: {args.out}: {e.strerror or e}", EXIT_ERROR)
     finally:
         rows.close()
-        if os.path.exists(partial):
-            os.unlink(partial)
     print(f"exported {n:,} samples to {args.out}", file=sys.stderr)
     return EXIT_OK
 
@@ -355,24 +348,21 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
             counts["stored"] += len(batch) - new
             batch.clear()
 
-        for raw in source:
-            done += len(raw)
-            counts["lines"] += 1
-            if raw.strip():
-                try:
-                    record = jsonparse.loads(raw)
-                except ValueError:  # a torn last line, or not JSON at all
-                    record = None
-                row = queries.sample_row_of(record)
-                if row is None:
-                    counts["skipped"] += 1
-                else:
-                    batch.append(row)
-                    span[0], span[1] = min(span[0], row[0]), max(span[1], row[0])
-                    if len(batch) >= IMPORT_BATCH:
-                        flush()
+        for line in jsonl_lines(source):
+            done, counts["lines"] = line.offset, line.number
+            row = queries.sample_row_of(line.record)
+            if line.ignored:
+                pass
+            elif row is None:
+                counts["skipped"] += 1
+            else:
+                batch.append(row)
+                span[0], span[1] = min(span[0], row[0]), max(span[1], row[0])
+                if len(batch) >= IMPORT_BATCH:
+                    flush()
             if progress is not None:
                 progress.update(done, counts["lines"])
+        done = source.tell()  # trailing blank lines and a torn line count as read too
         if batch:
             flush()
         if counts["new"]:

@@ -178,16 +178,12 @@ def rotated_paths(path: str) -> list[str]:
 
 
 def read_records(path: str) -> Iterator[dict]:
-    """Every JSON object in ``path`` and its rotated files, oldest first.
+    """Every JSON object in ``path`` and its rotated files, oldest first (lines that are not
+    one, and a torn last line after a crash, are skipped: :mod:`ccpd.store.files`)."""
+    from ccpd.store.files import jsonl_lines
 
-    A line that does not parse (a torn last line after a crash) is skipped.
-    """
     for name in rotated_paths(path):
         with open(name, "rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
+            for line in jsonl_lines(f):
+                if isinstance(line.record, dict):
+                    yield line.record
