@@ -30,57 +30,17 @@ import sys
 import time
 
 from ccpd import jsonparse
+from ccpd.cli_common import (DASH, DEFAULT_URL, EXIT_ERROR, EXIT_OK,  # noqa: F401 - used
+                             EXIT_USAGE, URL_ENV, CliError, _emit, _num, _obj, _text,
+                             resolve_url)  # by ccpd.cli_rich and the tests through ccpd.cli
 
 # argparse, urllib and rich are imported where they are used: ``ccp statusline`` (which Claude
 # Code runs on every update) must start in a few milliseconds (see ccpd.statusline).
 
-DEFAULT_URL = "http://127.0.0.1:8787"
-URL_ENV = "CCP_URL"
 TIMEOUT_S = 5.0
 WATCH_DEFAULT_S = 2.0
-DASH = "-"
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2  # also: the daemon could not be asked, or answered something unusable
-
 _ANSI = {"warn": "\033[33m", "block": "\033[31m"}
 _ANSI_RESET = "\033[0m"
-
-
-class CliError(Exception):
-    """A failure to report as one line on stderr (no traceback) with an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-# --------------------------------------------------------------------------- field access
-
-def _num(value) -> float | None:
-    """``value`` when it is a real number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if value != value or value in (float("inf"), float("-inf")):  # NaN / infinities
-        return None
-    return value
-
-
-def _obj(value) -> dict:
-    """``value`` when it is a JSON object, else an empty one (so lookups give None)."""
-    return value if isinstance(value, dict) else {}
-
-
-def _text(value) -> str | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return format(value, "g")
-    return str(value)
 
 
 # --------------------------------------------------------------------------- small formatters
@@ -394,15 +354,6 @@ def format_status(body: dict, speeds: bool = False, debug: bool = False, colour:
 
 # --------------------------------------------------------------------------- talking to ccpd
 
-def resolve_url(arg: str | None, environ=None) -> str:
-    """``--url``, else ``$CCP_URL``, else the default; no trailing slash, ``http://`` assumed."""
-    environ = os.environ if environ is None else environ
-    url = (arg or environ.get(URL_ENV) or DEFAULT_URL).strip()
-    if "://" not in url:
-        url = "http://" + url
-    return url.rstrip("/")
-
-
 def _error_message(raw: bytes) -> str | None:
     """``error.message`` of an Anthropic-shaped error body, if it is one."""
     try:
@@ -465,15 +416,6 @@ def use_colour(stream, environ=None) -> bool:
     """Colour only on a terminal, and not when ``NO_COLOR`` is set (https://no-color.org)."""
     environ = os.environ if environ is None else environ
     return "NO_COLOR" not in environ and _on_terminal(stream, environ)
-
-
-def _emit(text: str, stream) -> None:
-    """Print ``text``; on a terminal that cannot encode ``→`` fall back to ASCII."""
-    try:
-        stream.write(text + "\n")
-    except UnicodeEncodeError:
-        stream.write(text.replace("→", "->").encode("ascii", "replace").decode("ascii") + "\n")
-    stream.flush()
 
 
 # --------------------------------------------------------------------------- commands
@@ -617,7 +559,7 @@ def _add_statusline_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
-    from ccpd import cli_db  # it imports this module's CliError and helpers
+    from ccpd import cli_db
     parser = argparse.ArgumentParser(
         prog="ccp",
         description="Command-line client for ccpd, the local Anthropic API gateway: "
