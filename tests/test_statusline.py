@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ccpd.statusline import (Unavailable, fetch_usage, format_statusline, parse_args,
+from ccpd.cli.statusline import (Unavailable, fetch_usage, format_statusline, parse_args,
                              read_session, session_model, short_duration)
 from tests.support import free_port
 
@@ -138,7 +138,7 @@ def test_colours_and_no_colour(body):
 
 
 def test_percentages_round_down():
-    from ccpd.statusline import _pct
+    from ccpd.cli.statusline import _pct
     assert [_pct(f) for f in (0.29, 0.855, 0.9996, 1.0, 1.5, 0.0)] == [
         "29%", "85%", "99%", "100%", "150%", "0%"]
 
@@ -396,9 +396,9 @@ def test_statusline_path_stays_lean(usage_server):
     assert proc.stdout.decode().startswith("zai ↪ anthropic")
     loaded = set(proc.stderr.decode().split())
     heavy = {"twisted", "zope", "klein", "treq", "rich", "argparse", "sqlite3",
-             "urllib.request", "ccpd.cli_db",
+             "urllib.request", "ccpd.cli.db",
              "ccpd.store",
-             "ccpd.quotas", "ccpd.cli_rich"}
+             "ccpd.quotas", "ccpd.cli.rich_view"}
     assert not loaded & heavy, loaded & heavy
 
 

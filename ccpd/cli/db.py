@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import time
 
-from ccpd.cli_common import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
+from ccpd.cli.common import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
 from ccpd.store import queries, schema
 from ccpd.store.files import atomic_file, connect_readonly, jsonl_lines
 

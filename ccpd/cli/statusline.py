@@ -35,7 +35,7 @@ import sys
 import time
 
 from ccpd import jsonparse
-from ccpd.cli_common import _num, _obj, _text, resolve_url
+from ccpd.cli.common import _num, _obj, _text, resolve_url
 
 TIMEOUT_S = 0.4        # total for the daemon: connect, request, answer
 STDIN_TIMEOUT_S = 0.2  # Claude Code writes its JSON and closes stdin at once

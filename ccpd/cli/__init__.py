@@ -5,13 +5,13 @@ rolling and weekly quota is used, the headroom left, whether ccpd warns or block
 threshold (configured and auto-calibrated) and how far off the calibration gap is.
 ``--speeds`` adds throughput columns, ``--debug-quota`` a per-model policy section, ``--json``
 prints the daemon's answer as it is, ``--watch [SECONDS]`` refreshes until Ctrl-C. On a terminal
-the view is laid out with ``rich`` (:mod:`ccpd.cli_rich`); piped, it is the plain text of
+the view is laid out with ``rich`` (:mod:`ccpd.cli.rich_view`); piped, it is the plain text of
 :func:`format_status`.
 
 ``ccp statusline`` prints one short line for Claude Code's status line: see
-:mod:`ccpd.statusline`.
+:mod:`ccpd.cli.statusline`.
 
-``ccp db status | export | import`` work on the store file itself: see :mod:`ccpd.cli_db`.
+``ccp db status | export | import`` work on the store file itself: see :mod:`ccpd.cli.db`.
 
 Stdlib only apart from ``rich`` for terminals (imported only there, and optional: without it a
 terminal gets the plain text), so it runs from any Python without the daemon's dependencies.
@@ -30,12 +30,12 @@ import sys
 import time
 
 from ccpd import jsonparse
-from ccpd.cli_common import (DASH, DEFAULT_URL, EXIT_ERROR, EXIT_OK,  # noqa: F401 - used
+from ccpd.cli.common import (DASH, DEFAULT_URL, EXIT_ERROR, EXIT_OK,  # noqa: F401 - used
                              EXIT_USAGE, URL_ENV, CliError, _emit, _num, _obj, _text,
-                             resolve_url)  # by ccpd.cli_rich and the tests through ccpd.cli
+                             resolve_url)  # by ccpd.cli.rich_view and the tests through ccpd.cli
 
 # argparse, urllib and rich are imported where they are used: ``ccp statusline`` (which Claude
-# Code runs on every update) must start in a few milliseconds (see ccpd.statusline).
+# Code runs on every update) must start in a few milliseconds (see ccpd.cli.statusline).
 
 TIMEOUT_S = 5.0
 WATCH_DEFAULT_S = 2.0
@@ -433,9 +433,9 @@ def _on_terminal(stream, environ=None) -> bool:
 
 
 def _cli_rich():
-    """:mod:`ccpd.cli_rich`, or None when rich is not installed (then: plain text)."""
+    """:mod:`ccpd.cli.rich_view`, or None when rich is not installed (then: plain text)."""
     try:
-        from ccpd import cli_rich
+        from ccpd.cli import rich_view as cli_rich
     except ImportError:
         return None
     return cli_rich
@@ -525,7 +525,7 @@ def _add_status_parser(sub) -> None:
 
 
 def cmd_statusline(args) -> int:
-    from ccpd import statusline
+    from ccpd.cli import statusline
 
     colour = {"always": True, "never": False}.get(args.color)
     return statusline.run({"url": args.url, "timeout": args.timeout, "model": args.model,
@@ -533,7 +533,7 @@ def cmd_statusline(args) -> int:
 
 
 def _add_statusline_parser(sub) -> None:
-    from ccpd.statusline import TIMEOUT_S as STATUSLINE_TIMEOUT_S
+    from ccpd.cli.statusline import TIMEOUT_S as STATUSLINE_TIMEOUT_S
 
     p = sub.add_parser(
         "statusline", help="one line for Claude Code's status line (reads its JSON on stdin)",
@@ -559,7 +559,7 @@ def _add_statusline_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
-    from ccpd import cli_db
+    from ccpd.cli import db as cli_db
     parser = argparse.ArgumentParser(
         prog="ccp",
         description="Command-line client for ccpd, the local Anthropic API gateway: "
@@ -576,9 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["statusline"]:
-        # the fast path: no argparse, no store modules (see ccpd.statusline); anything
+        # the fast path: no argparse, no store modules (see ccpd.cli.statusline); anything
         # unusual (--help, a typo) goes through argparse below
-        from ccpd import statusline
+        from ccpd.cli import statusline
         opts = statusline.parse_args(argv[1:])
         if opts is not None:
             return statusline.run(opts)
@@ -604,7 +604,3 @@ def main(argv=None) -> int:
         except OSError:
             pass
         return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """What the ``ccp`` commands share: exit codes, the one-line error, tolerant access to JSON
-fields, the daemon's URL and printing. :mod:`ccpd.cli` (status, statusline), :mod:`ccpd.cli_db`
-(``ccp db``) and :mod:`ccpd.statusline` import it; none of them imports another for these."""
+fields, the daemon's URL and printing. :mod:`ccpd.cli` (status, statusline), :mod:`ccpd.cli.db`
+(``ccp db``) and :mod:`ccpd.cli.statusline` import it; none of them imports another for these."""
 from __future__ import annotations
 
 import os
