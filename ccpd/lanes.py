@@ -60,6 +60,14 @@ def forwardable(headers: Headers, extra_drop: frozenset[bytes] = frozenset()):
         yield name, values
 
 
+def last_values(headers: Headers, prefix: bytes = b"") -> dict[str, str]:
+    """The last value of each header (whose name starts with ``prefix``, lower-case), by
+    lower-case name: what the readers of limit answers, usage and utilisation headers take."""
+    return {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+            for name, values in headers.getAllRawHeaders()
+            if name.lower().startswith(prefix)}
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     lane: str

@@ -20,6 +20,8 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 
+from ccpd.store.files import jsonl_lines
+
 SPOOL_MAX_BYTES = 16 * 1024 * 1024  # about 20,000 usage lines
 
 
@@ -180,8 +182,6 @@ def rotated_paths(path: str) -> list[str]:
 def read_records(path: str) -> Iterator[dict]:
     """Every JSON object in ``path`` and its rotated files, oldest first (lines that are not
     one, and a torn last line after a crash, are skipped: :mod:`ccpd.store.files`)."""
-    from ccpd.store.files import jsonl_lines
-
     for name in rotated_paths(path):
         with open(name, "rb") as f:
             for line in jsonl_lines(f):

@@ -10,6 +10,7 @@ import math
 from twisted.logger import Logger
 
 from ccpd.evidence import QUOTA_WINDOW, ProviderEvidence, Reading
+from ccpd.lanes import last_values
 from ccpd.limits import FIVE_HOUR, SEVEN_DAY, WEEKLY, read_utilization
 from ccpd.metrics import Metrics
 
@@ -46,10 +47,7 @@ class ProviderWatch:
             self.mark_usable(lane, f"it answered {status}")
         if not headers.hasHeader(UNIFIED_STATUS):
             return
-        unified = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
-                   for name, values in headers.getAllRawHeaders()
-                   if name.lower().startswith(_UNIFIED_PREFIX)}
-        utilization = read_utilization(unified)
+        utilization = read_utilization(last_values(headers, _UNIFIED_PREFIX))
         if utilization is not None:
             self.observe_readings(self.evidence.observe(lane, utilization, self.clock.seconds()))
 

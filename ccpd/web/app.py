@@ -161,14 +161,7 @@ class CcpdApp:
 
     # -- proxy ----------------------------------------------------------------------------------
 
-    @app.route("/v1/messages", methods=["POST"])
-    def messages(self, request):
-        return self.proxy.handle(request, "messages")
-
-    @app.route("/v1/messages/count_tokens", methods=["POST"])
-    def count_tokens(self, request):
-        return self.proxy.handle(request, "count_tokens")
-
+    # POST /v1/messages and /v1/messages/count_tokens never get here: ProxyRoutes serves them.
     @app.route("/v1/<path:_rest>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
                                             "OPTIONS"])
     def passthrough(self, request, _rest):

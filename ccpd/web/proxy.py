@@ -27,7 +27,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ccpd import jsonparse
 from ccpd.config import Route
-from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable
+from ccpd.lanes import Lane, MissingCredential, describe_failure, forwardable, last_values
 from ccpd.limits import LimitAnswer, classify
 from ccpd.policy import BLOCKED, Decision
 from ccpd.usage import StreamAccountant, merge_header_usage, usage_from_headers, usage_from_json
@@ -54,13 +54,6 @@ def _with_model(body: bytes, payload: dict | None, model: str) -> bytes:
     if payload is None or payload.get("model") == model:
         return body
     return json.dumps({**payload, "model": model}).encode("utf-8")
-
-
-def _lowered(headers, prefix: bytes = b"") -> dict[str, str]:
-    """The last value of each header (whose name starts with ``prefix``), by lower-case name."""
-    return {name.decode("latin-1").lower(): values[-1].decode("latin-1")
-            for name, values in headers.getAllRawHeaders()
-            if name.lower().startswith(prefix)}
 
 
 def _timed_out(_result, timeout: float):
@@ -232,7 +225,7 @@ class Proxy:
         if decision.lane != route.lane or response.code < 400 or _is_sse(response):
             return await self._relay(request, lane, response, exchange)
         held = await self._hold(lane, response)
-        answer = classify(response.code, _lowered(response.headers), held, self.clock.seconds(),
+        answer = classify(response.code, last_values(response.headers), held, self.clock.seconds(),
                           lane.config.reset_tzinfo, lane.config.auth.kind != "passthrough")
         if answer.kind is None:
             return self._relay_held(request, response, held, exchange)
@@ -388,7 +381,7 @@ class Proxy:
 
     def _account_body(self, response, exchange, accountant, kept, ended=False) -> None:
         """Usage, served model and error of the relayed body; ``ended``: it came whole."""
-        header_usage = usage_from_headers(_lowered(response.headers, b"x-"))
+        header_usage = usage_from_headers(last_values(response.headers, b"x-"))
         if accountant is not None:
             usage, served, error_type, anomaly = (accountant.usage, accountant.served_model,
                                                   accountant.error_type, accountant.anomaly)
