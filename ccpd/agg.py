@@ -63,7 +63,7 @@ from ccpd.store.schema import migrate
 
 DEFAULT_OUT = "results/rollups"
 PATTERNS = ("*.sqlite3", "*.jsonl")
-_DEFAULTS = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+_DEFAULTS = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "instance": ""}
 
 
 # what roll() does arithmetic on: NULL (an export missing the key, a NULL column) counts as 0

@@ -9,6 +9,7 @@ import configparser
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field, replace
 from datetime import timedelta, timezone
 from typing import Callable, Mapping
@@ -110,6 +111,13 @@ class StoreConfig:
     path: str = "logs/ccp.sqlite3"
     rollup_interval: float = 300.0
     retention_days: int = 30
+    url: str | None = None       # team mode: a PostgreSQL URL instead of the SQLite path
+    instance: str = field(default_factory=socket.gethostname)  # this daemon, in shared samples
+
+    @property
+    def team(self) -> bool:
+        """Whether the store is shared (PostgreSQL): quotas are then the team's."""
+        return self.url is not None
 
 
 @dataclass(frozen=True)
@@ -199,6 +207,34 @@ def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text.strip()
+
+
+def _database_url(text: str) -> str:
+    """A PostgreSQL URL; the messages never quote it (it may hold a password)."""
+    parts = urlsplit(text.strip())
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql://user[:password]@host[:port]/database URL")
+    return text.strip()
+
+
+def database_location(url: str) -> str:
+    """``url`` without its password, for logs and answers: ``postgresql://user@host:port/db``."""
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def _instance(text: str) -> str:
+    name = text.strip()
+    if not name or not name.isprintable() or len(name) > 200:
+        raise ValueError("must be a printable name of 1 to 200 characters")
+    return name
 
 
 def _base_url(text: str) -> str:
@@ -395,6 +431,8 @@ _KEYS: dict[str, dict[str, tuple[Callable[[str], object], str | None]]] = {
         "path": (_non_empty, "CCP_DB_PATH"),
         "rollup_interval": (_positive_duration, "CCP_ROLLUP_INTERVAL"),
         "retention_days": (_int(1), "CCP_ROLLUP_RETENTION_DAYS"),
+        "url": (_database_url, "CCP_DB_URL"),
+        "instance": (_instance, "CCP_INSTANCE"),
     },
     "calibration": {
         "sample_minutes": (_positive_number, "CCP_CAL_SAMPLE_MINUTES"),
@@ -462,6 +500,14 @@ def _routes(reader: _Reader, lanes: Mapping[str, LaneConfig]) -> dict[str, Route
             secondary_model = secondary_model or None
         routes[model] = Route(model, preferred, secondary_lane, secondary_model)
     return routes
+
+
+def _store(reader: _Reader) -> StoreConfig:
+    store = StoreConfig(**reader.section("store"))
+    if store.team and not store.persist:
+        raise reader.fail("store", "persist", "must stay true with a url: the shared store is "
+                                              "the team's quota ledger")
+    return store
 
 
 def _server(reader: _Reader, lanes: Mapping[str, LaneConfig], check_files: bool) -> ServerConfig:
@@ -551,7 +597,7 @@ def config_from_string(text: str, source: str = "<string>",
         routes=_routes(reader, lanes),
         quotas_file=quotas_file,
         logs=LogsConfig(**reader.section("logs")),
-        store=StoreConfig(**reader.section("store")),
+        store=_store(reader),
         calibration=CalibrationConfig(**reader.section("calibration")),
     )
 

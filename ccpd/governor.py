@@ -47,24 +47,31 @@ class Governor:
         self.watch = ProviderWatch(self.evidence, self.plans, metrics, clock, keep)
         self.calibration = Calibration()
         self.quotas_loaded_at = clock.seconds()
+        self.team = None  # team mode: the ccpd.team.TeamLedger decisions sync with first
 
     def restore(self, cooldowns: dict[str, float], usage_rows, readings=()) -> None:
         """Resume after a restart: the cooldowns still running, the provider readings, and
-        the quota windows rebuilt from stored samples ``(model, ts, input, output,
-        cache_creation, cache_read, seconds, lane)``."""
+        the quota windows rebuilt from stored samples (:meth:`record_samples`)."""
         self.policy.cooldowns.update(cooldowns)
         self.watch.restore(readings)
-        for model, ts, input_tokens, output_tokens, creation, read, seconds, lane in usage_rows:
-            tokens = dict(input_tokens=input_tokens, output_tokens=output_tokens,
-                          cache_creation_input_tokens=creation, cache_read_input_tokens=read)
-            self.engine.record(model, ts, seconds=seconds, **tokens)
-            if lane:
-                self.plans.record(lane, ts, seconds=seconds, **tokens)
+        self.record_samples(usage_rows)
         self.update_gauges(self.clock.seconds())
         if cooldowns or usage_rows or readings:
             log.info("restored {rows} stored samples into the quota windows, {cooldowns} "
                      "cooldowns and {readings} provider readings", rows=len(usage_rows),
                      cooldowns=len(cooldowns), readings=len(readings))
+
+    def record_samples(self, usage_rows) -> None:
+        """Count stored samples ``(model, ts, input, output, cache_creation, cache_read,
+        seconds, lane, ...)`` into the quota windows (:func:`ccpd.store.queries.recent_usage`
+        rows: after a restart, and the team's samples in team mode)."""
+        for model, ts, input_tokens, output_tokens, creation, read, seconds, lane, *_ \
+                in usage_rows:
+            tokens = dict(input_tokens=input_tokens, output_tokens=output_tokens,
+                          cache_creation_input_tokens=creation, cache_read_input_tokens=read)
+            self.engine.record(model, ts, seconds=seconds, **tokens)
+            if lane:
+                self.plans.record(lane, ts, seconds=seconds, **tokens)
 
     # -- quotas ----------------------------------------------------------------------------------
 

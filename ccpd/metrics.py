@@ -107,6 +107,12 @@ class Metrics:
             "ccp_lane_probe_seconds", "How long the lane's last readiness probe took.",
             ["lane"], registry=r)
 
+    def team_gauge(self) -> Gauge:
+        """``ccp_team_ledger_up``, exported in team mode only (made by the team ledger)."""
+        return Gauge("ccp_team_ledger_up", "1 while quota decisions see the team's usage in the "
+                     "shared store, 0 while this daemon decides on its own view (the store is "
+                     "unreachable, or not read yet at start).", registry=self.registry)
+
     def exposition(self) -> bytes:
         return generate_latest(_Sanitised(self.registry))
 

@@ -22,6 +22,7 @@ from ccpd.quotapoll import QuotaPoller
 from ccpd.quotas import QuotaError, Quotas, load_quotas
 from ccpd.recorder import USAGE_LOG, Recorder
 from ccpd.store.service import StoreService
+from ccpd.team import TeamLedger
 from ccpd.timers import CalibrationSampler, LaneProber, ProbeResultsWatcher
 from ccpd.web.app import CcpdApp
 from ccpd.web.site import CcpdSite
@@ -92,6 +93,8 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
     governor = Governor(config, load_quotas(config.quotas_file) if quotas is None else quotas,
                         metrics, reactor, keep=store)
     store.on_recovered(governor.restore)
+    if config.store.team:
+        governor.team = TeamLedger(store, governor, metrics, reactor)
     recorder.sinks.append(store.writer.add)
     app = CcpdApp(config, lanes, recorder, metrics, governor, store, reactor)
     top = CcpdService(config, app)
@@ -105,7 +108,7 @@ def build_service(config: Config, reactor, environ: Mapping[str, str] = os.envir
                   QuotaPoller(lanes, governor.evidence, metrics, reactor,
                               on_readings=governor.watch.observe_readings),
                   *(LaneProber(lanes, lane, clock=reactor) for lane in lanes),
-                  store):
+                  store, *([governor.team] if governor.team else [])):
         child.setServiceParent(top)
     server = config.server
     site = CcpdSite(app.resource(), server.max_body_bytes, server.header_timeout_s,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 
@@ -44,7 +45,8 @@ def test_samples_and_rollups_endpoints(memory_ccpd):
         assert ccpd.settle(sent).code == 200
     ccpd.advance(FLUSH_DELAY_S)  # the store's writer batches for a moment
     body = ccpd.get("/v1/usage/samples?since=0&limit=2").json()
-    assert set(body) == {"models", "ts"} and body["ts"] == ccpd.clock.seconds()
+    assert set(body) == {"models", "scope", "ts"} and body["ts"] == ccpd.clock.seconds()
+    assert body["scope"] == "team"  # the default; one daemon on SQLite: the same rows
     rows = body["models"]["claude-sonnet-4-5"]
     assert [r["input_tokens"] for r in rows] == [10, 20]
     assert {"ts", "lane", "op", "input_tokens", "output_tokens", "status", "decision"} <= \
@@ -63,6 +65,10 @@ def test_samples_and_rollups_endpoints(memory_ccpd):
     [day] = ccpd.get("/v1/usage/rollups?granularity=day").json()["models"]["claude-sonnet-4-5"]
     assert (day["count"], day["in_tokens"]) == (3, 60)
     assert ccpd.get("/v1/usage/rollups?granularity=day&model=nope").json()["models"] == {}
+    assert ccpd.get("/v1/usage/rollups?scope=instance").json()["models"] == body["models"]
+    [row] = ccpd.get("/v1/usage/samples?scope=instance&limit=1").json()["models"][
+        "claude-sonnet-4-5"]
+    assert row["instance"] == ccpd.service.config.store.instance == socket.gethostname()
 
 
 @pytest.mark.parametrize("query, words", [
@@ -75,6 +81,7 @@ def test_samples_and_rollups_endpoints(memory_ccpd):
     ("samples?since=nan", "since must be >= 0"),
     ("rollups?granularity=week", "granularity must be hour or day, not 'week'"),
     ("rollups?since=soon", "since must be a number"),
+    ("samples?scope=all", "scope must be team or instance, not 'all'"),
 ])
 def test_history_query_parameters_are_checked(memory_ccpd, query, words):
     ccpd = memory_ccpd()

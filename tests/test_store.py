@@ -50,9 +50,9 @@ def test_schema_tables_index_and_version(tmp_path):
     plan = " ".join(str(row) for row in connection.execute(
         "EXPLAIN QUERY PLAN SELECT * FROM usage_sample WHERE model = 'm' AND ts > 0"))
     assert "sample_model_ts" in plan
-    assert schema_version(connection.cursor()) == LATEST == 4
+    assert schema_version(connection.cursor()) == LATEST == 5
     # running it again changes nothing
-    assert migrate(connection.cursor()) == (4, 4)
+    assert migrate(connection.cursor()) == (LATEST, LATEST)
 
 
 def test_migration_from_version_1_keeps_the_rows(tmp_path):
@@ -71,7 +71,7 @@ def test_migration_from_version_1_keeps_the_rows(tmp_path):
     connection.close()
 
     upgraded = connect(path)
-    assert schema_version(upgraded.cursor()) == 4
+    assert schema_version(upgraded.cursor()) == LATEST
     row = upgraded.execute("SELECT input_tokens, cache_read_input_tokens, served_model, "
                            "upstream_model FROM usage_sample WHERE rid = 'old'").fetchone()
     assert row == (7, 0, None, None)

@@ -12,4 +12,5 @@ class IStore(Interface):
         transaction; fire with its result."""
 
     def size_bytes():
-        """Bytes on disk (database and its WAL), 0 in memory. Synchronous."""
+        """Bytes on disk (database and its WAL), 0 in memory: an int (SQLite) or a Deferred
+        of one (PostgreSQL)."""

@@ -1,5 +1,11 @@
-"""The store's transaction functions: each takes a DB-API cursor (``sqlite3``), so the daemon
-runs them through adbapi and tests and the ``ccp db`` commands on a plain connection.
+"""The store's transaction functions: each takes a DB-API cursor (``sqlite3``, or the PostgreSQL
+store's cursor, which takes the same ``?`` placeholders and says ``dialect = "postgresql"``), so
+the daemon runs them through adbapi and tests and the ``ccp db`` commands on a plain connection.
+
+On PostgreSQL (team mode) every insert of samples takes :data:`LEDGER_LOCK` for its
+transaction, so the ``seq`` numbers of the samples become visible in order: a daemon that has
+read every sample up to ``seq`` N will never find a later-committed one below N
+(:func:`team_news`).
 """
 from __future__ import annotations
 
@@ -19,13 +25,20 @@ SAMPLE_COLUMNS = (
     "ttft_ms", "status", "err_type", "decision", "reroute_mode", "warn_pct_auto",
     "gap_seconds_p50", "gap_seconds_p95", "gap_samples", "upstream", "h2", "header_mode",
     "served_model", "stream", "cache_creation_input_tokens", "cache_read_input_tokens",
-    "upstream_model")
-_INSERT_SAMPLE = (f"INSERT OR IGNORE INTO usage_sample ({', '.join(SAMPLE_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(SAMPLE_COLUMNS))})")
+    "upstream_model", "instance")
+_INSERT_SAMPLE = (f"INSERT INTO usage_sample ({', '.join(SAMPLE_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(SAMPLE_COLUMNS))}) ON CONFLICT DO NOTHING")
+LEDGER_LOCK = 0x63637064_0002   # PostgreSQL advisory lock: one sample insert at a time
+ROLLER_LOCK = 0x63637064_0003   # PostgreSQL advisory lock: one roller for the team
+TEAM = ""                       # the instance of rollups that cover every instance
 
 
-def sample_row(record: dict) -> tuple:
-    """The ``usage_sample`` row of one ``usage.jsonl`` record."""
+def is_postgresql(cursor) -> bool:
+    return getattr(cursor, "dialect", None) == "postgresql"
+
+
+def sample_row(record: dict, instance: str = "") -> tuple:
+    """The ``usage_sample`` row of one ``usage.jsonl`` record, written by ``instance``."""
     def ms_to_s(name):
         return (record.get(name) or 0) / 1000.0
 
@@ -39,7 +52,7 @@ def sample_row(record: dict) -> tuple:
         record.get("gap_seconds_p95"), record.get("gap_samples", 0), record.get("upstream", ""),
         0, record.get("header_mode"), record.get("served_model"),
         int(bool(record.get("stream"))), record.get("cache_creation_input_tokens", 0),
-        record.get("cache_read_input_tokens", 0), record.get("upstream_model"))
+        record.get("cache_read_input_tokens", 0), record.get("upstream_model"), instance)
 
 
 # keys only a ``ccp db export --jsonl`` row has, and only a usage.jsonl record has
@@ -47,10 +60,10 @@ _EXPORT_ONLY_KEYS = ("dirty_s", "decision")
 _RECORD_ONLY_KEYS = ("dirty_ms", "reroute_decision")
 
 
-def sample_row_of(line) -> tuple | None:
-    """The row of one parsed JSONL line — a ``usage.jsonl`` record or a row of
-    ``ccp db export --jsonl`` — or None when it is not a sample (no ``ts``/``rid``, badly
-    typed values)."""
+def sample_row_of(line, instance: str = "") -> tuple | None:
+    """The row of one parsed JSONL line — a ``usage.jsonl`` record (written by ``instance``)
+    or a row of ``ccp db export --jsonl`` (which names its own) — or None when it is not a
+    sample (no ``ts``/``rid``, badly typed values)."""
     if not isinstance(line, dict):
         return None
     ts, rid = line.get("ts"), line.get("rid")
@@ -60,25 +73,36 @@ def sample_row_of(line) -> tuple | None:
     exported = (any(k in line for k in _EXPORT_ONLY_KEYS)
                 and not any(k in line for k in _RECORD_ONLY_KEYS))
     try:
-        return tuple(line.get(c) for c in SAMPLE_COLUMNS) if exported else sample_row(line)
+        if exported:
+            return tuple(line.get(c) for c in SAMPLE_COLUMNS[:-1]) + (line.get("instance") or "",)
+        return sample_row(line, instance)
     except (TypeError, ValueError, KeyError):  # e.g. "dirty_ms": "slow"
         return None
 
 
 def insert_samples(cursor, rows: list[tuple]) -> int:
-    """Insert rows, ignoring those already stored (same ``(ts, rid)``); how many were new."""
-    before = cursor.connection.total_changes
+    """Insert rows, ignoring those already stored (same ``(ts, rid)``, on PostgreSQL same
+    ``(instance, ts, rid)``); how many were new."""
+    if not rows:
+        return 0
+    if is_postgresql(cursor):
+        cursor.execute("SELECT pg_advisory_xact_lock(?)", (LEDGER_LOCK,))
     cursor.executemany(_INSERT_SAMPLE, rows)
-    return cursor.connection.total_changes - before
+    return cursor.rowcount
 
 
-def query_samples(cursor, since: float, model: str | None, limit: int) -> list[dict]:
-    """Samples from ``since`` on, oldest first, at most ``limit``."""
+def query_samples(cursor, since: float, model: str | None, limit: int,
+                  instance: str | None = None) -> list[dict]:
+    """Samples from ``since`` on, oldest first, at most ``limit``; of one ``instance`` or of
+    all (None)."""
     sql = f"SELECT {', '.join(SAMPLE_COLUMNS)} FROM usage_sample WHERE ts >= ?"
     args: list = [since]
     if model:
         sql += " AND model = ?"
         args.append(model)
+    if instance is not None:
+        sql += " AND instance = ?"
+        args.append(instance)
     cursor.execute(sql + " ORDER BY ts, rid LIMIT ?", (*args, limit))
     return [dict(zip(SAMPLE_COLUMNS, row)) for row in cursor.fetchall()]
 
@@ -91,45 +115,73 @@ def roll(cursor, since: float, now: float) -> dict:
     """Recompute the hour rollups of every hour from ``since``'s to ``now``'s, then the day
     rollups of the days those hours are in; rollups outside that span are left alone.
     Rerunning over the same window changes nothing. Only Messages requests
-    (``op = 'messages'``) are rolled up."""
+    (``op = 'messages'``) are rolled up. Rollups of instance :data:`TEAM` cover every sample;
+    on a shared store (PostgreSQL) each instance gets its own as well."""
     # never recompute hours whose samples the sample TTL may already have trimmed
     first_hour = math.floor(max(since, now - SAMPLE_TTL_S + HOUR) / HOUR) * HOUR
     end = math.floor(now / HOUR) * HOUR + HOUR  # the end of now's hour
+    per_instance = is_postgresql(cursor)
     # coalesce: rows imported from elsewhere may lack a value; one NULL must not stop rollups
     cursor.execute("SELECT model, ts, coalesce(input_tokens, 0), coalesce(output_tokens, 0), "
                    "coalesce(dirty_s, 0), coalesce(stream_s, 0), coalesce(ttft_ms, 0), "
-                   "coalesce(status, 0) FROM usage_sample "
+                   "coalesce(status, 0), instance FROM usage_sample "
                    "WHERE ts >= ? AND ts < ? AND op = 'messages'", (first_hour, end))
-    hours: dict[tuple[float, str], list] = defaultdict(list)
+    hours: dict[tuple[float, str, str], list] = defaultdict(list)
     for row in cursor.fetchall():
-        hours[(math.floor(row[1] / HOUR) * HOUR, row[0])].append(row)
+        hour = math.floor(row[1] / HOUR) * HOUR
+        hours[(hour, row[0], TEAM)].append(row)
+        if per_instance:
+            hours[(hour, row[0], row[8])].append(row)
     cursor.execute("DELETE FROM usage_rollup_hour WHERE window_start >= ? AND window_start < ?",
                    (first_hour, end))
-    for (window_start, model), rows in sorted(hours.items()):
+    for (window_start, model, instance), rows in sorted(hours.items()):
         ttfts = [row[6] for row in rows if row[7] < 400 and row[6]]
         cursor.execute(
             "INSERT INTO usage_rollup_hour (window_start, model, in_tokens, out_tokens, dirty_s,"
-            " stream_s, count, p50_ttft, p90_ttft, p99_ttft) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " stream_s, count, p50_ttft, p90_ttft, p99_ttft, instance) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (window_start, model, sum(r[2] for r in rows), sum(r[3] for r in rows),
              sum(r[4] for r in rows), sum(r[5] for r in rows), len(rows),
-             percentile(ttfts, 0.5), percentile(ttfts, 0.9), percentile(ttfts, 0.99)))
+             percentile(ttfts, 0.5), percentile(ttfts, 0.9), percentile(ttfts, 0.99),
+             instance))
     first_day = math.floor(first_hour / DAY) * DAY
     end_day = math.floor((end - 1) / DAY) * DAY + DAY
     cursor.execute("DELETE FROM usage_rollup_day WHERE date >= ? AND date <= ?",
                    (day_of(first_day), day_of(end_day - 1)))
-    cursor.execute("SELECT window_start, model, in_tokens, out_tokens, dirty_s, stream_s, count "
-                   "FROM usage_rollup_hour WHERE window_start >= ? AND window_start < ?",
-                   (first_day, end_day))
-    days: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0.0, 0.0, 0])
-    for window_start, model, *sums in cursor.fetchall():
-        totals = days[(day_of(window_start), model)]
+    cursor.execute("SELECT window_start, model, instance, in_tokens, out_tokens, dirty_s, "
+                   "stream_s, count FROM usage_rollup_hour "
+                   "WHERE window_start >= ? AND window_start < ?", (first_day, end_day))
+    days: dict[tuple[str, str, str], list] = defaultdict(lambda: [0, 0, 0.0, 0.0, 0])
+    for window_start, model, instance, *sums in cursor.fetchall():
+        totals = days[(day_of(window_start), model, instance)]
         for i, value in enumerate(sums):
             totals[i] += value
     cursor.executemany(
-        "INSERT INTO usage_rollup_day (date, model, in_tokens, out_tokens, dirty_s, stream_s, "
-        "count) VALUES (?,?,?,?,?,?,?)",
-        [(date, model, *totals) for (date, model), totals in sorted(days.items())])
-    return {"hours": len(hours), "days": len(days)}
+        "INSERT INTO usage_rollup_day (date, model, instance, in_tokens, out_tokens, dirty_s, "
+        "stream_s, count) VALUES (?,?,?,?,?,?,?,?)",
+        [(date, model, instance, *totals)
+         for (date, model, instance), totals in sorted(days.items())])
+    return {"hours": len({key[:2] for key in hours}), "days": len({key[:2] for key in days})}
+
+
+def roll_for_team(cursor, since: float, now: float, retention_days: float, interval_s: float,
+                  must: bool) -> dict | None:
+    """A shared store's rollup tick: :func:`roll` and :func:`trim` by one daemon for the team.
+    None when skipped: another daemon's tick holds :data:`ROLLER_LOCK` now, or one rolled less
+    than ``interval_s`` ago — unless this daemon ``must`` (it has samples from before the last
+    hour to re-roll: recovered ones)."""
+    cursor.execute("SELECT pg_try_advisory_xact_lock(?)", (ROLLER_LOCK,))
+    if not cursor.fetchone()[0]:
+        return None
+    cursor.execute("SELECT rolled_at FROM rollup_state WHERE id = 1")
+    row = cursor.fetchone()
+    if not must and row is not None and now - row[0] < interval_s * 0.9:
+        return None
+    done = roll(cursor, since, now)
+    trim(cursor, now, retention_days)
+    cursor.execute("INSERT INTO rollup_state (id, rolled_at) VALUES (1, ?) ON CONFLICT (id) "
+                   "DO UPDATE SET rolled_at = excluded.rolled_at", (now,))
+    return done
 
 
 def roll_span(cursor, first: float, last: float) -> dict:
@@ -171,16 +223,19 @@ def rollup_entry(window_start: float, in_tokens, out_tokens, dirty_s, stream_s, 
             "p50_ttft": p50, "p90_ttft": p90, "p99_ttft": p99}
 
 
-def query_rollups(cursor, granularity: str, model: str | None, since: float) -> dict:
-    """``{model: [entry, ...]}`` of hour or day rollups from ``since`` on, oldest first."""
+def query_rollups(cursor, granularity: str, model: str | None, since: float,
+                  instance: str = TEAM) -> dict:
+    """``{model: [entry, ...]}`` of hour or day rollups from ``since`` on, oldest first: of
+    the whole store (:data:`TEAM`) or of one instance."""
     if granularity == "hour":
         sql = ("SELECT model, window_start, in_tokens, out_tokens, dirty_s, stream_s, count, "
-               "p50_ttft, p90_ttft, p99_ttft FROM usage_rollup_hour WHERE window_start >= ?")
-        args: list = [since]
+               "p50_ttft, p90_ttft, p99_ttft FROM usage_rollup_hour "
+               "WHERE window_start >= ? AND instance = ?")
+        args: list = [since, instance]
     else:
         sql = ("SELECT model, date, in_tokens, out_tokens, dirty_s, stream_s, count "
-               "FROM usage_rollup_day WHERE date >= ?")
-        args = [day_of(since)]
+               "FROM usage_rollup_day WHERE date >= ? AND instance = ?")
+        args = [day_of(since), instance]
     if model:
         sql += " AND model = ?"
         args.append(model)
@@ -228,26 +283,65 @@ def save_reading(cursor, row: tuple) -> None:
                    "WHERE excluded.observed_at >= provider_reading.observed_at", row)
 
 
+_READINGS = ("SELECT lane, plan_window, utilization, reset_at, status, observed_at, source, "
+             "surpassed_threshold, claim FROM provider_reading")
+
+
 def load_readings(cursor) -> list[tuple]:
     """Every stored provider reading, as :meth:`ccpd.evidence.Reading.to_row` wrote it."""
-    cursor.execute("SELECT lane, plan_window, utilization, reset_at, status, observed_at, "
-                   "source, surpassed_threshold, claim FROM provider_reading "
-                   "ORDER BY lane, plan_window")
+    cursor.execute(_READINGS + " ORDER BY lane, plan_window")
     return cursor.fetchall()
 
 
-def recent_usage(cursor, since: float) -> list[tuple]:
-    """``(model, ts, input, output, cache_creation, cache_read, dirty_s, lane)`` of the
+_USAGE = ("SELECT coalesce(upstream_model, served_model, model), ts, input_tokens, "
+          "output_tokens, coalesce(cache_creation_input_tokens, 0), "
+          "coalesce(cache_read_input_tokens, 0), dirty_s, lane, instance FROM usage_sample "
+          "WHERE op = 'messages' AND input_tokens + output_tokens + "
+          "coalesce(cache_creation_input_tokens, 0) + coalesce(cache_read_input_tokens, 0) > 0")
+
+
+def recent_usage(cursor, since: float, upto_seq: int | None = None) -> list[tuple]:
+    """``(model, ts, input, output, cache_creation, cache_read, dirty_s, lane, instance)`` of the
     Messages samples with tokens since ``since``, oldest first: what the quota windows are
     rebuilt from (the model is the one the lane was asked for, the key live accounting uses;
-    the lane is the plan that served it)."""
-    cursor.execute("SELECT coalesce(upstream_model, served_model, model), ts, input_tokens, "
-                   "output_tokens, coalesce(cache_creation_input_tokens, 0), "
-                   "coalesce(cache_read_input_tokens, 0), dirty_s, lane FROM usage_sample "
-                   "WHERE ts >= ? AND op = 'messages' AND input_tokens + output_tokens + "
-                   "coalesce(cache_creation_input_tokens, 0) + "
-                   "coalesce(cache_read_input_tokens, 0) > 0 ORDER BY ts", (since,))
+    the lane is the plan that served it). On a shared store, every daemon's samples up to
+    ``upto_seq`` (:func:`team_position`)."""
+    if upto_seq is None:
+        cursor.execute(_USAGE + " AND ts >= ? ORDER BY ts", (since,))
+    else:
+        cursor.execute(_USAGE + " AND ts >= ? AND seq <= ? ORDER BY ts", (since, upto_seq))
     return cursor.fetchall()
+
+
+def team_position(cursor) -> int:
+    """The newest ``seq`` of a shared store: every sample up to it is committed (see the
+    module's note on :data:`LEDGER_LOCK`)."""
+    cursor.execute("SELECT coalesce(max(seq), 0) FROM usage_sample")
+    return cursor.fetchone()[0]
+
+
+def team_news(cursor, after_seq: int, instance: str, now: float,
+              readings_after: float) -> tuple[int, list[tuple], dict[str, float], list[tuple]]:
+    """What the other daemons of a shared store recorded since this one last looked:
+    ``(position, usage rows, cooldowns, readings)`` — the :func:`recent_usage` rows of the
+    others' samples after ``after_seq`` up to the new position, the cooldowns still running
+    at ``now`` and the provider readings observed after ``readings_after``."""
+    position = team_position(cursor)
+    rows = []
+    if position > after_seq:
+        cursor.execute(_USAGE + " AND seq > ? AND seq <= ? AND instance <> ? ORDER BY seq",
+                       (after_seq, position, instance))
+        rows = cursor.fetchall()
+    cursor.execute("SELECT model, until FROM policy_cooldown WHERE until > ?", (now,))
+    cooldowns = dict(cursor.fetchall())
+    cursor.execute(_READINGS + " WHERE observed_at > ?", (readings_after,))
+    return position, rows, cooldowns, cursor.fetchall()
+
+
+def database_size(cursor) -> int:
+    """Bytes on disk of a PostgreSQL store's database."""
+    cursor.execute("SELECT pg_database_size(current_database())")
+    return cursor.fetchone()[0]
 
 
 def status(cursor) -> dict:

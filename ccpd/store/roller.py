@@ -1,6 +1,8 @@
 """The roller: every ``rollup_interval`` it recomputes the hour rollups of the hours that may
 have changed and the day rollups they fall in, trims what is past retention and refreshes the
-store gauges. A failing tick is counted and logged; the next one still runs.
+store gauges. A failing tick is counted and logged; the next one still runs. On a shared store
+one daemon's roller does it for the team (:func:`~ccpd.store.queries.roll_for_team`); the
+others' ticks find it done and skip.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ccpd.store.queries import HOUR, roll, trim
+from ccpd.store.queries import HOUR, roll, roll_for_team, trim
 
 log = Logger()
 
@@ -18,8 +20,12 @@ log = Logger()
 class Roller(TimerService):
     name = "roller"
 
-    def __init__(self, store, metrics, interval_s: float, retention_days: float, clock=None):
+    def __init__(self, store, metrics, interval_s: float, retention_days: float, clock=None,
+                 team: bool = False):
         super().__init__(interval_s, self.tick)
+        self.interval_s = interval_s
+        self.team = team
+        self.skipped = 0  # team mode: ticks another daemon's roller had done already
         self.store = store
         self.metrics = metrics
         self.retention_days = retention_days
@@ -40,8 +46,16 @@ class Roller(TimerService):
         since = min(marked if marked is not None else now, now - HOUR)
         started = time.perf_counter()
         try:
-            yield self.store.run(roll, since, now)
-            yield self.store.run(trim, now, self.retention_days)
+            if self.team:
+                done = yield self.store.run(roll_for_team, since, now, self.retention_days,
+                                            self.interval_s, marked is not None and
+                                            marked < now - HOUR)
+                self.skipped += done is None
+            else:
+                yield self.store.run(roll, since, now)
+                yield self.store.run(trim, now, self.retention_days)
+            size = yield defer.maybeDeferred(self.store.size_bytes)
+            self.metrics.store_size.set(size)
         except Exception as e:  # noqa: BLE001 - a TimerService stops for good on an error
             self.metrics.store_write_errors.inc()
             self.mark(since)
@@ -49,4 +63,3 @@ class Roller(TimerService):
             return
         finally:
             self.metrics.rollup_duration.observe(time.perf_counter() - started)
-            self.metrics.store_size.set(self.store.size_bytes())

@@ -1,16 +1,20 @@
-"""The store as one service: the SQLite store, the sample writer and the roller, and what
-happens at start — recovery of samples that reached ``usage.jsonl`` but not the store (a crash,
-``kill -9``), reroute cooldowns and the quota windows restored — before the first rollup.
+"""The store as one service: the store (SQLite, or PostgreSQL in team mode), the sample writer
+and the roller, and what happens at start — recovery of samples that reached ``usage.jsonl``
+but not the store (a crash, ``kill -9``), reroute cooldowns and the quota windows restored —
+before the first rollup. A shared store that cannot be reached at start is tried again (every
+``START_RETRY_S`` at most) until it answers; the daemon serves meanwhile.
 """
 from __future__ import annotations
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ccpd.config import StoreConfig
 from ccpd.store import queries
 from ccpd.store.roller import Roller
+from ccpd.store.schema import LATEST, POSTGRESQL, migrate
 from ccpd.store.sqlite import MEMORY, SQLiteStore
 from ccpd.store.writer import SampleWriter
 from ccpd.usagelog import read_records
@@ -18,11 +22,14 @@ from ccpd.usagelog import read_records
 log = Logger()
 
 _RECOVER_BATCH = 2000
+START_RETRY_FIRST_S, START_RETRY_S = 1.0, 30.0
 
 
-def recover_from_log(cursor, usage_log: str, since: float) -> tuple[int, float | None]:
+def recover_from_log(cursor, usage_log: str, since: float,
+                     instance: str = "") -> tuple[int, float | None]:
     """Insert the samples of ``usage_log`` (and its rotated files) newer than ``since`` that
-    the store lacks; ``(inserted, oldest inserted ts)``. Idempotent on ``(ts, rid)``."""
+    the store lacks, as written by ``instance``; ``(inserted, oldest inserted ts)``.
+    Idempotent on ``(ts, rid)``."""
     inserted, oldest, batch = 0, None, []
 
     def flush():
@@ -34,7 +41,7 @@ def recover_from_log(cursor, usage_log: str, since: float) -> tuple[int, float |
         ts = record.get("ts")
         if not isinstance(ts, (int, float)) or ts < since or not record.get("rid"):
             continue
-        batch.append(queries.sample_row(record))
+        batch.append(queries.sample_row(record, instance))
         if len(batch) >= _RECOVER_BATCH:
             flush()
     flush()
@@ -42,6 +49,10 @@ def recover_from_log(cursor, usage_log: str, since: float) -> tuple[int, float |
         cursor.execute("SELECT min(ts) FROM usage_sample WHERE ts >= ?", (since,))
         oldest = cursor.fetchone()[0]
     return inserted, oldest
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class StoreService(service.MultiService):
@@ -55,14 +66,19 @@ class StoreService(service.MultiService):
         self.usage_log = usage_log
         self.clock = clock
         self._restorers = []
-        self.store = SQLiteStore(config.path if config.persist else MEMORY, clock)
+        if config.team:
+            from ccpd.store.postgres import PostgresStore  # psycopg only when asked for
+            self.store = PostgresStore(config.url, config.instance, clock)
+        else:
+            self.store = SQLiteStore(config.path if config.persist else MEMORY, clock)
         self.store.setServiceParent(self)
-        self.writer = SampleWriter(self.store, metrics, clock)
+        self.writer = SampleWriter(self.store, metrics, clock, config.instance, team=config.team)
         self.writer.setServiceParent(self)
         self.roller = Roller(self.store, metrics, config.rollup_interval, config.retention_days,
-                             clock=clock)
+                             clock=clock, team=config.team)
         self.ready: defer.Deferred | None = None
         self.started_at: float | None = None
+        self.team_position: int | None = None  # shared store: the seq the windows hold up to
 
     def startService(self):
         self.started_at = self.clock.seconds()
@@ -75,7 +91,7 @@ class StoreService(service.MultiService):
         """Recover, then start the roller; a failed recovery is logged, and the roller, the
         cooldown saving and the request path go on without it."""
         try:
-            await self.store.ready
+            await self._store_ready()
             if self.config.persist and self.running:
                 await self._recover()
         except Exception:  # noqa: BLE001 - the daemon serves on; usage.jsonl has every line
@@ -86,18 +102,46 @@ class StoreService(service.MultiService):
             if self.running:
                 self.roller.setServiceParent(self)
 
+    async def _store_ready(self) -> None:
+        """The store migrated; a shared one is tried again until it answers."""
+        delay = START_RETRY_FIRST_S
+        while True:
+            try:
+                await self.store.ready
+                return
+            except Exception as e:
+                if not self.config.team or not self.running:
+                    raise
+                log.error("store {location} not reachable at start ({error}); serving on "
+                          "this daemon's own view, trying again in {delay:g}s",
+                          location=self.store.location, error=_first_line(e), delay=delay)
+            await deferLater(self.clock, delay)
+            delay = min(START_RETRY_S, delay * 2)
+            if not self.running:
+                raise defer.CancelledError("stopped before the store answered")
+            self.store.ready = self.store.run(migrate, LATEST, POSTGRESQL)
+
     async def _recover(self) -> None:
         since = self.started_at - queries.SAMPLE_TTL_S
-        inserted, oldest = await self.store.run(recover_from_log, self.usage_log, since)
+        inserted, oldest = await self.store.run(recover_from_log, self.usage_log, since,
+                                                self.config.instance)
         if inserted:
             log.info("store: recovered {count} samples from {path} that were not stored",
                      count=inserted, path=self.usage_log)
             self.roller.mark(oldest)
         cooldowns = await self.store.run(queries.load_cooldowns, self.started_at)
-        rows = await self.store.run(queries.recent_usage, since)
+        if self.config.team:  # the team's samples, up to a position the ledger goes on from
+            position = await self.store.run(queries.team_position)
+            rows = await self.store.run(queries.recent_usage, since, position)
+            self.team_position = position
+        else:
+            rows = await self.store.run(queries.recent_usage, since)
         readings = await self.store.run(queries.load_readings)
+        # what this daemon served since it started is in its windows already
+        instance = self.config.instance
+        rows = [r for r in rows if r[1] < self.started_at or r[8] != instance]
         for restore in self._restorers:
-            restore(cooldowns, [r for r in rows if r[1] < self.started_at], readings)
+            restore(cooldowns, rows, readings)
         newest = await self.store.run(queries.newest_rollup)
         self.roller.mark(newest if newest is not None else
                          await self.store.run(queries.oldest_sample) or self.started_at)

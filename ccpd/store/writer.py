@@ -2,7 +2,9 @@
 
 A sample leaves the queue only once its batch is committed. A failing write is counted
 (``ccp_store_write_errors_total``), logged and retried with a growing delay; the proxy never
-waits and never sees the error. What a crash loses from the queue is recovered at the next
+waits and never sees the error. On a shared store (team mode) samples are written at once,
+not gathered for ``FLUSH_DELAY_S``: they are the team's quota ledger, and a write that fails
+is tried again within ``TEAM_RETRY_MAX_S``. What a crash loses from the queue is recovered at the next
 start from ``usage.jsonl`` (see :mod:`ccpd.store.service`).
 """
 from __future__ import annotations
@@ -18,15 +20,19 @@ log = Logger()
 FLUSH_DELAY_S = 0.2
 BATCH_ROWS = 500
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+TEAM_RETRY_MAX_S = 2.0
 
 
 class SampleWriter(service.Service):
     name = "sample-writer"
 
-    def __init__(self, store, metrics, clock):
+    def __init__(self, store, metrics, clock, instance: str = "", team: bool = False):
         self.store = store
         self.metrics = metrics
         self.clock = clock
+        self.instance = instance
+        self.flush_delay = 0.0 if team else FLUSH_DELAY_S
+        self.retry_max = TEAM_RETRY_MAX_S if team else RETRY_MAX_S
         self.queue: list[tuple] = []
         self._timer = None
         self._writing: defer.Deferred | None = None
@@ -35,11 +41,11 @@ class SampleWriter(service.Service):
 
     def add(self, record: dict) -> None:
         """Queue the sample of one ``usage.jsonl`` record."""
-        self.queue.append(sample_row(record))
+        self.queue.append(sample_row(record, self.instance))
         if len(self.queue) >= BATCH_ROWS:
             self._schedule(0)
         else:
-            self._schedule(FLUSH_DELAY_S)
+            self._schedule(self.flush_delay)
 
     def _schedule(self, delay: float) -> None:
         if self._writing is not None:
@@ -78,7 +84,7 @@ class SampleWriter(service.Service):
             self._notify_idle()  # stopping: what is left is in usage.jsonl for the next start
             return
         self._timer = self.clock.callLater(self._retry_s, self._flush)
-        self._retry_s = min(RETRY_MAX_S, self._retry_s * 2)
+        self._retry_s = min(self.retry_max, self._retry_s * 2)
 
     def _notify_idle(self) -> None:
         waiters, self._idle = self._idle, []

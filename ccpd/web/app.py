@@ -209,14 +209,15 @@ class CcpdApp:
         try:
             since = _query_number(request, "since", 0.0)
             limit = int(_query_number(request, "limit", 1000, integer=True, low=1, high=10000))
+            scope, instance = self._scope(request)
         except ValueError as e:
             return error_response(request, 400, "invalid_request_error", str(e))
         rows = await self._query(queries.query_samples, since, _query_text(request, "model"),
-                                 limit)
+                                 limit, instance)
         models: dict[str, list] = {}
         for row in rows:
             models.setdefault(row["model"], []).append(row)
-        return _json(request, {"models": models, "ts": self.clock.seconds()})
+        return _json(request, {"models": models, "scope": scope, "ts": self.clock.seconds()})
 
     @app.route("/v1/usage/rollups", methods=["GET"])
     async def usage_rollups(self, request):
@@ -225,12 +226,23 @@ class CcpdApp:
             if granularity not in ("hour", "day"):
                 raise ValueError(f"granularity must be hour or day, not {granularity!r}")
             since = _query_number(request, "since", 0.0)
+            scope, instance = self._scope(request)
         except ValueError as e:
             return error_response(request, 400, "invalid_request_error", str(e))
         models = await self._query(queries.query_rollups, granularity,
-                                   _query_text(request, "model"), since)
-        return _json(request, {"granularity": granularity, "models": models,
+                                   _query_text(request, "model"), since,
+                                   queries.TEAM if instance is None else instance)
+        return _json(request, {"granularity": granularity, "models": models, "scope": scope,
                                "ts": self.clock.seconds()})
+
+    def _scope(self, request) -> tuple[str, str | None]:
+        """``scope=team|instance`` (default team): ``(scope, the instance to show or None for
+        all)``. A SQLite store has one daemon: both scopes show all of it."""
+        scope = _query_text(request, "scope") or "team"
+        if scope not in ("team", "instance"):
+            raise ValueError(f"scope must be team or instance, not {scope!r}")
+        store = self.config.store
+        return scope, store.instance if scope == "instance" and store.team else None
 
     async def _query(self, function, *args):
         await self.store.ready  # answers wait for the start-up recovery, never miss rows
@@ -274,6 +286,10 @@ class CcpdApp:
         # A log the disk refuses, or a lane that cannot serve, degrades ccpd; it still serves.
         body = {"ready": ready, "lanes": lanes, "logs": logs,
                 "degraded": bool(unusable) or not all(state["ok"] for state in logs.values())}
+        team = self.governor.team
+        if team is not None:  # team mode: deciding on the team's usage, or on its own
+            body["team"] = team.view()
+            body["degraded"] = body["degraded"] or not team.up
         if not ready:
             body["failing"] = sorted(name for name, lane in lanes.items() if not lane["up"])
         return json.dumps(body).encode("utf-8")

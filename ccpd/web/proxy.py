@@ -170,6 +170,8 @@ class Proxy:
             lane = self.lanes[route.lane]
             return await self._relay(request, lane, await self._send(request, lane, body,
                                                                       exchange), exchange)
+        if self.governor.team is not None:  # team mode: the team's usage as of now first
+            await self.governor.team.sync()
         decision = exchange.decision = self.governor.decide(route)
         if decision.decision == BLOCKED:
             raise self._blocked(route, decision, exchange)

@@ -12,7 +12,8 @@ def usage_view(governor, now: float) -> dict:
     return {"ts": now, "reroute_mode": governor.policy.mode,
             "cooldown_sec": governor.policy.cooldown_sec,
             "models": {model: model_view(governor, model, now) for model in models},
-            "lanes": {lane: lane_view(governor, lane, now) for lane in lanes}}
+            "lanes": {lane: lane_view(governor, lane, now) for lane in lanes},
+            **({"team": governor.team.view()} if governor.team is not None else {})}
 
 
 def _reading(reading: Reading, now: float, evidence) -> dict:

@@ -1,0 +1,131 @@
+"""The PostgreSQL store of team mode (``[store] url``), over ``twisted.enterprise.adbapi`` with
+psycopg 3: the same :mod:`ccpd.store.queries` functions as the SQLite store, the same schema
+versions (``schema/postgresql/``), migrated in one transaction under an advisory lock so that
+daemons starting together do it once.
+
+This module is imported only when a URL is configured: a single workstation never loads psycopg.
+"""
+from __future__ import annotations
+
+import functools
+
+import psycopg
+from twisted.application import service
+from twisted.enterprise import adbapi
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ccpd.config import database_location
+from ccpd.store import queries
+from ccpd.store.interface import IStore
+from ccpd.store.schema import LATEST, POSTGRESQL, migrate
+
+log = Logger()
+
+CONNECT_TIMEOUT_S = 5
+POOL_MAX = 3   # the sample writer, the team ledger's reads and the rest (roller, API queries)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholders(sql: str) -> str:
+    """The store's SQL (sqlite3's ``?``) in psycopg's paramstyle (``%s``); none of it has ``%``."""
+    return sql.replace("?", "%s")
+
+
+class PostgresCursor:
+    """A psycopg cursor that takes the ``?`` placeholders of :mod:`ccpd.store.queries`."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def execute(self, sql: str, args=None):
+        return self._cursor.execute(_placeholders(sql), args)
+
+    def executemany(self, sql: str, rows):
+        return self._cursor.executemany(_placeholders(sql), rows)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+def _interaction(transaction, function, *args):
+    return function(PostgresCursor(transaction), *args)
+
+
+class _Connection(adbapi.Connection):
+    """A connection the server dropped (a restart, a crash) is closed and forgotten quietly:
+    the interaction's own error says what happened, and :meth:`PostgresStore.run` tries again
+    (adbapi would log two tracebacks per dead connection)."""
+
+    def rollback(self):
+        if self._connection.broken or self._connection.closed:
+            self._pool.disconnect(self._connection)
+            return
+        super().rollback()
+
+
+class _Pool(adbapi.ConnectionPool):
+    connectionFactory = _Connection
+
+
+@implementer(IStore)
+class PostgresStore(service.Service):
+    name = "store"
+
+    def __init__(self, url: str, instance: str, reactor):
+        self.url = url
+        self.location = database_location(url)  # what logs and answers may show
+        self.instance = instance
+        self.reactor = reactor
+        self.pool: adbapi.ConnectionPool | None = None
+        self.ready = None
+
+    def startService(self):
+        super().startService()
+        # cp_reconnect: a connection found dead after a failure is dropped, the next
+        # interaction opens a new one (see run() for the one retry)
+        self.pool = _Pool(
+            "psycopg", self.url, connect_timeout=CONNECT_TIMEOUT_S,
+            application_name=f"ccpd {self.instance}"[:63], cp_min=1, cp_max=POOL_MAX,
+            cp_reconnect=True, cp_noisy=False, cp_reactor=self.reactor)
+        self.ready = self.run(migrate, LATEST, POSTGRESQL)
+        self.ready.addCallback(self._migrated)
+        return self.ready
+
+    def _migrated(self, versions):
+        before, after = versions
+        if before != after:
+            log.info("store {location}: schema version {before} -> {after}",
+                     location=self.location, before=before, after=after)
+        return versions
+
+    def stopService(self):
+        super().stopService()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def run(self, function, *args):
+        """``function(cursor, *args)`` in one transaction; again on a new connection while it
+        fails for a lost connection (after a server restart every pooled connection is dead
+        until used: up to ``POOL_MAX`` of them). Every function of
+        :mod:`ccpd.store.queries` is safe to repeat."""
+        return self._run(function, args, POOL_MAX)
+
+    def _run(self, function, args, retries: int):
+        d = self.pool.runInteraction(_interaction, function, *args)
+        if retries:
+            d.addErrback(self._again, function, args, retries)
+        return d
+
+    def _again(self, failure, function, args, retries: int):
+        failure.trap(psycopg.OperationalError, adbapi.ConnectionLost)
+        if self.pool is None:
+            return failure
+        return self._run(function, args, retries - 1)
+
+    def size_bytes(self):
+        """A Deferred of the database's size on disk."""
+        return self.run(queries.database_size)
