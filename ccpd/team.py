@@ -48,6 +48,7 @@ class TeamLedger(service.Service):
         self.error: str | None = "starting: the team's usage is not read yet"
         self.local_since: float | None = clock.seconds()
         self.samples_read = 0
+        self.reads = 0                    # reads of the ledger (one serves every waiting request)
         self._reading = False             # a read is running
         self._waiting: list[defer.Deferred] = []
         self._retry = None
@@ -79,9 +80,10 @@ class TeamLedger(service.Service):
             self._read()
 
     def _read(self) -> None:
+        self.reads += 1
         self._reading = True
         waiters, self._waiting = self._waiting, []
-        d = self.stores.store.run(queries.team_news, self.position, self.instance,
+        d = self.stores.store.read(queries.team_news, self.position, self.instance,
                                   self.clock.seconds(), self.readings_seen)
         d.addTimeout(SYNC_TIMEOUT_S, self.clock)
         d.addCallbacks(self._apply, self._failed)
@@ -138,7 +140,7 @@ class TeamLedger(service.Service):
         return {"instance": self.instance, "store": self.stores.store.location,
                 "ledger": "shared" if self.up else "local", "error": self.error,
                 "local_since": self.local_since, "position": self.position,
-                "samples_read": self.samples_read}
+                "samples_read": self.samples_read, "reads": self.reads}
 
     def stopService(self):
         super().stopService()

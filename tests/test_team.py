@@ -163,6 +163,29 @@ async def test_a_daemon_serves_on_its_own_view_while_the_database_is_away(team, 
     assert ready["team"]["ledger"] == "shared" and ready["team"]["error"] is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_daemon_started_while_the_database_is_down_serves_and_joins_later(
+        tmp_path, postgres, fake_upstream):
+    postgres.server.stop()
+    (tmp_path / "quotas.json").write_text(json.dumps(plan_limit(100_000)))
+    ccpd = await start_loopback_ccpd(tmp_path, fake_upstream.url(),
+                                     store_extra=f"url = {postgres.dsn}\ninstance = carol")
+    try:
+        code, _ = await send(ccpd, SOLO)
+        assert code == 200
+        _, ready = await get(ccpd, "/readyz")
+        assert ready["team"]["ledger"] == "local" and ready["degraded"] is True
+        postgres.server.start()
+        # tried again 1 s later, then 2 s: migrated, recovered, reading the team's usage
+        await until(lambda: ccpd.service.getServiceNamed("team-ledger").up, timeout=10)
+        assert stored(postgres.dsn) == logged(ccpd)  # the request served meanwhile is there
+        _, usage = await get(ccpd, "/v1/usage")
+        assert usage["team"]["ledger"] == "shared"
+        assert usage["lanes"]["zai"]["counted"]["rolling"]["used_tokens"] == 17  # counted once
+    finally:
+        await ccpd.service.stopService()
+
+
 def test_without_a_url_no_database_driver_is_imported(tmp_path):
     """A single workstation: SQLite, and psycopg never loaded."""
     ini = tmp_path / "ccp.ini"

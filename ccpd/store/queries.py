@@ -31,6 +31,8 @@ _INSERT_SAMPLE = (f"INSERT INTO usage_sample ({', '.join(SAMPLE_COLUMNS)}) "
 LEDGER_LOCK = 0x63637064_0002   # PostgreSQL advisory lock: one sample insert at a time
 ROLLER_LOCK = 0x63637064_0003   # PostgreSQL advisory lock: one roller for the team
 TEAM = ""                       # the instance of rollups that cover every instance
+_READING_COLUMNS = ("lane, plan_window, utilization, reset_at, status, observed_at, source, "
+                    "surpassed_threshold, claim")
 
 
 def is_postgresql(cursor) -> bool:
@@ -283,8 +285,7 @@ def save_reading(cursor, row: tuple) -> None:
                    "WHERE excluded.observed_at >= provider_reading.observed_at", row)
 
 
-_READINGS = ("SELECT lane, plan_window, utilization, reset_at, status, observed_at, source, "
-             "surpassed_threshold, claim FROM provider_reading")
+_READINGS = f"SELECT {_READING_COLUMNS} FROM provider_reading"
 
 
 def load_readings(cursor) -> list[tuple]:
@@ -293,11 +294,12 @@ def load_readings(cursor) -> list[tuple]:
     return cursor.fetchall()
 
 
-_USAGE = ("SELECT coalesce(upstream_model, served_model, model), ts, input_tokens, "
-          "output_tokens, coalesce(cache_creation_input_tokens, 0), "
-          "coalesce(cache_read_input_tokens, 0), dirty_s, lane, instance FROM usage_sample "
-          "WHERE op = 'messages' AND input_tokens + output_tokens + "
-          "coalesce(cache_creation_input_tokens, 0) + coalesce(cache_read_input_tokens, 0) > 0")
+_HAS_TOKENS = ("op = 'messages' AND input_tokens + output_tokens + "
+               "coalesce(cache_creation_input_tokens, 0) + coalesce(cache_read_input_tokens, 0) > 0")
+_USAGE_COLUMNS = ("coalesce(upstream_model, served_model, model), ts, input_tokens, "
+                  "output_tokens, coalesce(cache_creation_input_tokens, 0), "
+                  "coalesce(cache_read_input_tokens, 0), dirty_s, lane, instance")
+_USAGE = f"SELECT {_USAGE_COLUMNS} FROM usage_sample WHERE {_HAS_TOKENS}"
 
 
 def recent_usage(cursor, since: float, upto_seq: int | None = None) -> list[tuple]:
@@ -320,22 +322,27 @@ def team_position(cursor) -> int:
     return cursor.fetchone()[0]
 
 
+# One statement, so one snapshot and one round trip: the newest seq, and what came before it.
+_TEAM_NEWS = (
+    "WITH news AS (SELECT coalesce(max(seq), 0) AS upto FROM usage_sample) SELECT upto, "
+    f"(SELECT json_agg(json_build_array({_USAGE_COLUMNS}) ORDER BY seq) FROM usage_sample "
+    f"WHERE seq > ? AND seq <= upto AND instance <> ? AND {_HAS_TOKENS}), "
+    "(SELECT json_agg(json_build_array(model, until)) FROM policy_cooldown WHERE until > ?), "
+    f"(SELECT json_agg(json_build_array({_READING_COLUMNS})) FROM provider_reading "
+    "WHERE observed_at > ?) FROM news")
+
+
 def team_news(cursor, after_seq: int, instance: str, now: float,
-              readings_after: float) -> tuple[int, list[tuple], dict[str, float], list[tuple]]:
+              readings_after: float) -> tuple[int, list, dict[str, float], list]:
     """What the other daemons of a shared store recorded since this one last looked:
     ``(position, usage rows, cooldowns, readings)`` — the :func:`recent_usage` rows of the
     others' samples after ``after_seq`` up to the new position, the cooldowns still running
-    at ``now`` and the provider readings observed after ``readings_after``."""
-    position = team_position(cursor)
-    rows = []
-    if position > after_seq:
-        cursor.execute(_USAGE + " AND seq > ? AND seq <= ? AND instance <> ? ORDER BY seq",
-                       (after_seq, position, instance))
-        rows = cursor.fetchall()
-    cursor.execute("SELECT model, until FROM policy_cooldown WHERE until > ?", (now,))
-    cooldowns = dict(cursor.fetchall())
-    cursor.execute(_READINGS + " WHERE observed_at > ?", (readings_after,))
-    return position, rows, cooldowns, cursor.fetchall()
+    at ``now`` and the provider readings observed after ``readings_after``. One statement
+    (PostgreSQL only): the team ledger runs it before every decision."""
+    cursor.execute(_TEAM_NEWS, (after_seq, instance, now, readings_after))
+    position, rows, cooldowns, readings = cursor.fetchone()  # JSON arrays, or NULL for none
+    return (position, [tuple(row) for row in rows or ()], dict(cooldowns or ()),
+            [tuple(row) for row in readings or ()])
 
 
 def database_size(cursor) -> int:

@@ -159,14 +159,16 @@ class Stack:
     ``upstream``: ``"cpeer"`` (the C peer: canned JSON and SSE answers, never the bottleneck) or
     ``"fake"`` (``ccpd.testing.fakeupstream``: timed events, scenarios such as hangs).
     ``floor``: also start the in-stack floor (``floor.py``) in front of the same upstream.
-    ``lane_extra``: extra ``key = value`` lines for ccpd's lane section (e.g. idle_timeout_s).
+    ``lane_extra``: extra ``key = value`` lines for ccpd's lane section (e.g. idle_timeout_s);
+    ``store_extra``: for its ``[store]`` section (e.g. a team mode ``url``).
     """
 
     def __init__(self, lane_extra: dict | None = None, upstream: str = "cpeer",
-                 floor: bool = False, ccpd: bool = True):
+                 floor: bool = False, ccpd: bool = True, store_extra: str = ""):
         if upstream not in ("cpeer", "fake"):
             raise ValueError(f"upstream {upstream!r}: cpeer or fake")
         self.lane_extra = lane_extra or {}
+        self.store_extra = store_extra
         self.upstream, self.with_floor, self.with_ccpd = upstream, floor, ccpd
         self.tmp = tempfile.mkdtemp(prefix="ccpd-bench-")
         self.fake = self.ccpd = self.floor = None  # .fake: the upstream, whichever it is
@@ -229,7 +231,7 @@ class Stack:
             f"[routing]\ndefault_lane = anthropic\n"
             f"[quotas]\nfile = {quotas}\n"
             f"[logs]\ndir = {os.path.join(self.tmp, 'logs')}\n"
-            f"[store]\npath = {os.path.join(self.tmp, 'ccp.sqlite3')}\n")
+            f"[store]\npath = {os.path.join(self.tmp, 'ccp.sqlite3')}\n{self.store_extra}\n")
         self.ccpd = self._spawn([TWISTD, "-n", "--pidfile=", "ccpd", "--config", config],
                                 CCPD_CPU, "ccpd.log")
         try:
