@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field, replace
 from datetime import timedelta, timezone
 from typing import Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 REROUTE_MODES = ("preemptive", "run2cap", "hybrid")
 
@@ -209,7 +209,7 @@ def _non_empty(text: str) -> str:
     return text.strip()
 
 
-def _database_url(text: str) -> str:
+def check_database_url(text: str) -> str:
     """A PostgreSQL URL; the messages never quote it (it may hold a password)."""
     parts = urlsplit(text.strip())
     try:
@@ -228,6 +228,16 @@ def database_location(url: str) -> str:
     host = parts.hostname or "localhost"
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def database_error(url: str, error: BaseException) -> str:
+    """One line about a database ``error`` for a log or a message: its first line (libpq adds
+    hints on more), with any copy of ``url``'s password masked."""
+    text = (str(error).strip() or type(error).__name__).splitlines()[0]
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***").replace(unquote(password), "***")
+    return text
 
 
 def _instance(text: str) -> str:
@@ -431,7 +441,7 @@ _KEYS: dict[str, dict[str, tuple[Callable[[str], object], str | None]]] = {
         "path": (_non_empty, "CCP_DB_PATH"),
         "rollup_interval": (_positive_duration, "CCP_ROLLUP_INTERVAL"),
         "retention_days": (_int(1), "CCP_ROLLUP_RETENTION_DAYS"),
-        "url": (_database_url, "CCP_DB_URL"),
+        "url": (check_database_url, "CCP_DB_URL"),
         "instance": (_instance, "CCP_INSTANCE"),
     },
     "calibration": {

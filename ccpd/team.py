@@ -26,6 +26,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ccpd.config import database_error
 from ccpd.store import queries
 
 log = Logger()
@@ -110,7 +111,7 @@ class TeamLedger(service.Service):
             self.up_gauge.set(1)
 
     def _failed(self, failure) -> None:
-        error = (failure.getErrorMessage().strip().splitlines() or ["no answer"])[0]
+        error = database_error(self.stores.config.url, failure.value)
         if failure.check(defer.TimeoutError, defer.CancelledError):
             error = f"no answer within {SYNC_TIMEOUT_S:g}s"
         if self.up or self.error != error:
@@ -121,7 +122,8 @@ class TeamLedger(service.Service):
             self.local_since = self.clock.seconds()
         self.up, self.error = False, error
         self.up_gauge.set(0)
-        self._retry = self.clock.callLater(RETRY_S, self._kick)
+        if self.running:
+            self._retry = self.clock.callLater(RETRY_S, self._kick)
 
     def _done(self, _result, waiters) -> None:
         self._reading = False

@@ -378,6 +378,70 @@ def test_errors_name_the_problem_and_exit_2(tmp_path, capsys, setup, named):
     assert not out.exists()
 
 
+# -- a team's PostgreSQL store (tests/pg.py) ------------------------------------------------------
+
+PASSWORD = "s3cret-Pw"
+
+
+def team_store(dsn: str, samples: list[tuple]) -> None:
+    """A migrated team database holding ``samples`` (``sample_row``s of their instances)."""
+    import psycopg
+
+    from ccpd.store.queries import PostgresCursor
+    from ccpd.store.schema import LATEST, POSTGRESQL
+    with psycopg.connect(dsn) as connection:
+        cursor = PostgresCursor(connection.cursor())
+        migrate(cursor, LATEST, POSTGRESQL)
+        queries.insert_samples(cursor, samples)
+
+
+def test_a_team_database_merges_with_a_workstations_files(tmp_path, postgres, capsys):
+    team_store(postgres.dsn, [queries.sample_row(r, "alice") for r in STORE_A]
+               + [queries.sample_row(r, "bob") for r in STORE_B[:3]])
+    inputs = tmp_path / "laptop"
+    inputs.mkdir()
+    export_jsonl(inputs / "laptop.jsonl", STORE_B[2:])  # b3 is in the team's store too
+    url = postgres.dsn.replace("postgresql://ccpd@", f"postgresql://ccpd:{PASSWORD}@")
+    out = tmp_path / "out"
+
+    assert agg.main(["--in", url, "--in", str(inputs), "--out", str(out)]) == 0
+
+    union = STORE_A + STORE_B
+    hour, day = load(out, "hour"), load(out, "day")
+    assert hour["samples"] == day["samples"] == len(union)  # b3 counted once
+    assert hour["sources"] == ["laptop.jsonl", postgres.dsn]  # the URL without its password
+    assert_matches(hour["models"], expected_hours(union))
+    assert_matches(day["models"], expected_days(union))
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.startswith(f"merged {len(union)} samples from 2 files into ")
+    assert PASSWORD not in captured.out + (out / "rollup_hour.json").read_text() \
+        + (out / "rollup_day.json").read_text()
+
+
+def test_a_database_that_cannot_be_read_is_one_line_without_the_password(tmp_path, postgres,
+                                                                         capsys):
+    from tests.support import free_port
+    port = free_port()
+    unreachable = f"postgresql://ccpd:{PASSWORD}@127.0.0.1:{port}/team"
+    empty = postgres.dsn.replace("postgresql://ccpd@", f"postgresql://ccpd:{PASSWORD}@")
+    for url, message in ((unreachable, f"postgresql://ccpd@127.0.0.1:{port}/team: connection "
+                                       "failed: connection to server at \"127.0.0.1\", port "
+                                       f"{port} failed: Connection refused"),
+                         (empty, f"{postgres.dsn}: no usage_sample table (not a ccpd store?)")):
+        out = tmp_path / "out"
+
+        assert agg.main(["--in", url, "--out", str(out)]) == 2
+
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", f"ccp-agg: {message}\n")
+        assert not out.exists()
+
+    assert agg.main(["--in", f"mysql://ccpd:{PASSWORD}@db/team", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("ccp-agg: --in: a URL must be a "
+                                       "postgresql://user[:password]@host[:port]/database URL\n")
+
+
 def test_the_console_script(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -14,7 +14,8 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from ccpd.store import queries
-from ccpd.store.postgres import PostgresCursor, PostgresStore
+from ccpd.store.postgres import PostgresStore
+from ccpd.store.queries import PostgresCursor
 from ccpd.store.schema import LATEST, POSTGRESQL, SQLITE, migrate, migrations, schema_version
 
 T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC, on an hour

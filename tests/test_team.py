@@ -85,6 +85,8 @@ async def test_a_daemon_decides_on_what_the_other_daemon_used(team, postgres):
     bob = await team("bob", plan_limit(1000))
     code, _ = await send(alice, SOLO, **{"x-fake-input-tokens": "1200"})
     assert code == 200
+    # its sample reaches the ledger a moment after the answer ended (till then it is in flight)
+    await until(lambda: stored(postgres.dsn) == logged(alice))
     # bob served nothing, but the plan is the team's: used up by alice
     code, answer = await send(bob, SOLO)
     assert code == 429 and answer["error"]["type"] == "rate_limit_error"

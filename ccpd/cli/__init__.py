@@ -11,7 +11,8 @@ the view is laid out with ``rich`` (:mod:`ccpd.cli.rich_view`); piped, it is the
 ``ccp statusline`` prints one short line for Claude Code's status line: see
 :mod:`ccpd.cli.statusline`.
 
-``ccp db status | export | import`` work on the store file itself: see :mod:`ccpd.cli.db`.
+``ccp db status | export | import`` work on the store itself (the SQLite file, or team mode's
+PostgreSQL database): see :mod:`ccpd.cli.db`.
 
 Stdlib only apart from ``rich`` for terminals (imported only there, and optional: without it a
 terminal gets the plain text), so it runs from any Python without the daemon's dependencies.
@@ -565,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Command-line client for ccpd, the local Anthropic API gateway: "
                     "`ccp status` and `ccp statusline` ask the running daemon (--url, else "
                     f"$CCP_URL, else {DEFAULT_URL}); `ccp db status|export|import` work on "
-                    f"its SQLite store (--db, else ${cli_db.DB_ENV}, else {cli_db.DEFAULT_DB}).")
+                    f"its store (--db PATH or --url URL, else ${cli_db.URL_ENV}, else "
+                    f"${cli_db.DB_ENV}, else {cli_db.DEFAULT_DB}).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_status_parser(sub)
     _add_statusline_parser(sub)

@@ -1,10 +1,19 @@
-"""``ccp db status | export --csv|--jsonl | import --jsonl FILE``: the store file itself.
+"""``ccp db status | export --csv|--jsonl | import --jsonl FILE``: the store itself.
 
-They work on the SQLite file (``--db``, else ``$CCP_DB_PATH``, else ``logs/ccp.sqlite3``) with
-the stdlib :mod:`sqlite3`, also while the daemon runs (the store is in WAL mode). ``status``
-and ``export`` open it read-only and never create it; ``import`` creates or migrates it, loads
-``usage.jsonl`` records (or the rows of a ``db export --jsonl``), skipping those already
-stored, and rolls up the hours it imported. Stdlib only, like :mod:`ccpd.cli`.
+The store is chosen as the daemon chooses it: ``--db PATH`` or ``--url URL``, else
+``$CCP_DB_URL`` (team mode's PostgreSQL), else ``$CCP_DB_PATH``, else ``logs/ccp.sqlite3``.
+A SQLite file is read with the stdlib :mod:`sqlite3`, also while the daemon runs (the store is
+in WAL mode); a PostgreSQL store with psycopg, imported only then (so ``ccp`` starts without
+it) together with the store's own cursor, so the same :mod:`ccpd.store.queries` run on both.
+A URL is only ever shown without its password (:func:`ccpd.config.database_location`).
+
+``status`` and ``export`` open the store read-only and never create it; ``status`` of a
+PostgreSQL store also counts the samples of each instance (each daemon of the team).
+``import`` creates or migrates a SQLite file, loads ``usage.jsonl`` records (or the rows of a
+``db export --jsonl``), skipping those already stored, and rolls up the hours it imported. It
+refuses a PostgreSQL store: that is the team's live quota ledger, whose samples come from its
+daemons (old samples imported there would count against the team's quota, and their rollups
+would race the team's roller). Stdlib only on SQLite, like :mod:`ccpd.cli`.
 """
 from __future__ import annotations
 
@@ -17,11 +26,14 @@ import sys
 import time
 
 from ccpd.cli.common import DASH, EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, _emit, _num, _obj
+from ccpd.config import check_database_url, database_error, database_location
 from ccpd.store import queries, schema
 from ccpd.store.files import atomic_file, connect_readonly, jsonl_lines
 
 DEFAULT_DB = "logs/ccp.sqlite3"
 DB_ENV = "CCP_DB_PATH"
+URL_ENV = "CCP_DB_URL"
+URL_SCHEMES = ("postgresql://", "postgres://")
 DB_TIMEOUT_S = 10.0
 IMPORT_BATCH = 2000
 PROGRESS_MIN_BYTES = 1 << 20  # below this a terminal gets no progress bar (unless --progress)
@@ -30,10 +42,28 @@ PROGRESS_WIDTH = 20
 _ROLLUP_TABLES = ("usage_sample", "usage_rollup_hour", "usage_rollup_day")
 
 
-def resolve_db(arg: str | None, environ=None) -> str:
-    """``--db``, else ``$CCP_DB_PATH``, else ``logs/ccp.sqlite3``."""
+def resolve_store(path: str | None, url: str | None, environ=None) -> str:
+    """The store's path or URL, as ccpd chooses it: ``--db PATH`` or ``--url URL``, else
+    ``$CCP_DB_URL``, else ``$CCP_DB_PATH``, else ``logs/ccp.sqlite3``. A URL (also one given
+    to ``--db``) is checked here, with a message that does not repeat it: it may hold a
+    password."""
     environ = os.environ if environ is None else environ
-    return arg or environ.get(DB_ENV) or DEFAULT_DB
+    if path and url:
+        raise CliError("ccp: give the store as --db PATH or as --url URL, not both")
+    if path and "://" not in path:
+        return path
+    url = path or url or environ.get(URL_ENV)
+    if not url:
+        return environ.get(DB_ENV) or DEFAULT_DB
+    try:
+        return check_database_url(url)
+    except ValueError as e:
+        raise CliError(f"ccp: the store URL {e}") from None
+
+
+def is_url(target: str) -> bool:
+    """Whether the store is a PostgreSQL database (also when ``--db`` was given a URL)."""
+    return target.startswith(URL_SCHEMES)
 
 
 def human_bytes(n) -> str:
@@ -92,6 +122,12 @@ def _sqlite_error(path: str, error) -> CliError:
     return CliError(f"ccp: {path}: {error}", EXIT_ERROR)
 
 
+def _postgresql_error(url: str, error) -> CliError:
+    """The first line of a psycopg error (libpq adds hints on more lines), named by the URL
+    without its password, and with any copy of the password masked."""
+    return CliError(f"ccp: {database_location(url)}: {database_error(url, error)}", EXIT_ERROR)
+
+
 def _require_store(path: str) -> None:
     if not os.path.exists(path):
         raise CliError(f"ccp: no store at {path} (ccpd creates it on start; "
@@ -109,7 +145,11 @@ def _connect_ro(path: str):
 
 
 def _check_is_store(cursor, path: str) -> None:
-    cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    if queries.is_postgresql(cursor):
+        cursor.execute("SELECT table_name FROM information_schema.tables "
+                       "WHERE table_schema = current_schema()")
+    else:
+        cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     tables = {row[0] for row in cursor.fetchall()}
     missing = [t for t in ("schema_version",) + _ROLLUP_TABLES if t not in tables]
     if missing:
@@ -117,35 +157,91 @@ def _check_is_store(cursor, path: str) -> None:
                        EXIT_ERROR)
 
 
-def db_status(path: str, now: float | None = None) -> dict:
-    """What ``ccp db status`` shows, read from the store at ``path``."""
+class _Store:
+    """A read-only connection to the store at ``target`` (a SQLite path or a PostgreSQL URL),
+    checked to be a ccpd store; ``where`` names it (a URL without its password). Used with
+    ``with``, the driver's errors become the one-line :class:`CliError` of :meth:`fail` and
+    close the connection; :meth:`close` closes it otherwise."""
 
-    _require_store(path)
+    def __init__(self, target: str):
+        self.target = target
+        if not is_url(target):
+            _require_store(target)
+            self.where, self.errors = target, sqlite3.Error
+            self.connection = _connect_ro(target)
+            self.cursor = self.connection.cursor()
+        else:
+            try:  # only here: ``ccp`` starts without psycopg (and without Twisted)
+                import psycopg
+
+                from ccpd.store.queries import PostgresCursor  # takes the queries' "?"
+            except ImportError as e:
+                raise CliError(f"ccp: a PostgreSQL store needs the {e.name} package: "
+                               "pip install 'ccpd[postgresql]'", EXIT_ERROR) from None
+            self.where, self.errors = database_location(target), psycopg.Error
+            try:
+                self.connection = psycopg.connect(target, connect_timeout=int(DB_TIMEOUT_S),
+                                                  application_name="ccp db")
+            except psycopg.Error as e:
+                raise self.fail(e) from None
+            self.connection.read_only = True  # every transaction: nothing can be written
+            self.cursor = PostgresCursor(self.connection.cursor())
+        with self:
+            _check_is_store(self.cursor, self.where)
+
+    def fail(self, error) -> CliError:
+        if is_url(self.target):
+            return _postgresql_error(self.target, error)
+        return _sqlite_error(self.target, error)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self):
+        return self.cursor
+
+    def __exit__(self, kind, error, traceback):
+        if error is None:
+            return
+        self.close()
+        if isinstance(error, self.errors):
+            raise self.fail(error) from None
+
+
+def _newest(ts, now: float) -> dict:
+    return {"newest_sample_ts": ts,
+            "newest_sample_utc": fmt_utc(ts) if ts is not None else None,
+            "newest_sample_age_s": round(now - ts, 3) if ts is not None else None}
+
+
+def db_status(target: str, now: float | None = None) -> dict:
+    """What ``ccp db status`` shows, read from the store at ``target`` (a path or a URL)."""
+
     now = time.time() if now is None else now
-    connection = _connect_ro(path)
-    try:
-        cursor = connection.cursor()
-        _check_is_store(cursor, path)
+    store = _Store(target)
+    with store as cursor:
         found = queries.status(cursor)
         cursor.execute("SELECT count(DISTINCT model) FROM usage_sample WHERE model != ''")
         models = cursor.fetchone()[0]
-    except sqlite3.Error as e:
-        raise _sqlite_error(path, e)
-    finally:
-        connection.close()
-    newest = found["newest_sample_ts"]
-    return {
-        "path": path,
-        "size_bytes": _file_size(path),
-        "wal_bytes": _file_size(path + "-wal"),
+        if is_url(target):
+            size = queries.database_size(cursor)
+            # a team's store: which daemons recorded what, and which went quiet
+            cursor.execute("SELECT instance, count(*), max(ts) FROM usage_sample "
+                           "GROUP BY instance ORDER BY instance")
+            instances = {name: {"samples": count, **_newest(newest, now)}
+                         for name, count, newest in cursor.fetchall()}
+    store.close()
+    info = {
         "schema_version": found["schema_version"],
         "schema_latest": schema.LATEST,
         "rows": found["rows"],
-        "newest_sample_ts": newest,
-        "newest_sample_utc": fmt_utc(newest) if newest is not None else None,
-        "newest_sample_age_s": round(now - newest, 3) if newest is not None else None,
+        **_newest(found["newest_sample_ts"], now),
         "models": models,
     }
+    if is_url(target):
+        return {"url": store.where, "size_bytes": size, "instances": instances, **info}
+    return {"path": target, "size_bytes": _file_size(target),
+            "wal_bytes": _file_size(target + "-wal"), **info}
 
 
 def format_db_status(info: dict) -> str:
@@ -161,30 +257,45 @@ def format_db_status(info: dict) -> str:
     elif version is not None and latest is not None and version > latest:
         schema_text += f" (newer than this ccp's {latest})"
     rows = _obj(info.get("rows"))
-    newest = info.get("newest_sample_ts")
-    newest_text = ("none" if newest is None else
-                   f"{fmt_utc(newest)} ({human_ago(info.get('newest_sample_age_s'))})")
+
+    def newest(entry: dict) -> str:
+        ts = entry.get("newest_sample_ts")
+        return ("none" if ts is None else
+                f"{fmt_utc(ts)} ({human_ago(entry.get('newest_sample_age_s'))})")
 
     def count(value) -> str:
         v = _num(value)
         return DASH if v is None else f"{v:,.0f}"
 
     lines = [
-        ("store", str(info.get("path"))),
+        ("store", str(info.get("url") or info.get("path"))),
         ("size", size),
         ("schema version", schema_text),
         ("samples", count(rows.get("usage_sample"))),
         ("hour rollups", count(rows.get("usage_rollup_hour"))),
         ("day rollups", count(rows.get("usage_rollup_day"))),
-        ("newest sample", newest_text),
+        ("newest sample", newest(info)),
         ("models", count(info.get("models"))),
     ]
+    if "instances" in info:  # a team's store: the samples of each daemon
+        instances = _obj(info["instances"])
+        lines.append(("instances", count(len(instances))))
+        for name, entry in instances.items():
+            entry = _obj(entry)
+            samples = _num(entry.get("samples"))
+            lines.append((f"  {name or '(none)'}",
+                          f"{count(samples)} sample{'' if samples == 1 else 's'}, "
+                          f"newest {newest(entry)}"))
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in lines)
 
 
+def _target(args) -> str:
+    return resolve_store(args.db or args.db_parent, args.url or args.url_parent)
+
+
 def cmd_db_status(args) -> int:
-    info = db_status(resolve_db(args.db or args.db_parent))
+    info = db_status(_target(args))
     if args.json:
         _emit(json.dumps(info, indent=2, sort_keys=True), sys.stdout)
     else:
@@ -192,11 +303,11 @@ def cmd_db_status(args) -> int:
     return EXIT_OK
 
 
-def export_rows(path: str, since: float | None = None, model: str | None = None):
-    """``(columns, rows)``: the store's samples, ordered by ``(ts, rid)``; ``rows`` is a lazy
-    iterator that closes the connection when it is exhausted."""
+def export_rows(target: str, since: float | None = None, model: str | None = None):
+    """``(columns, rows)``: the samples of the store at ``target`` (a path or a URL), ordered
+    by ``(ts, rid)``; ``rows`` is a lazy iterator that closes the connection when it is
+    exhausted."""
 
-    _require_store(path)
     columns = queries.SAMPLE_COLUMNS
     sql = f"SELECT {', '.join(columns)} FROM usage_sample"
     where, params = [], []
@@ -209,42 +320,34 @@ def export_rows(path: str, since: float | None = None, model: str | None = None)
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY ts, rid"
-    connection = _connect_ro(path)
-    try:
-        cursor = connection.cursor()
-        _check_is_store(cursor, path)
+    store = _Store(target)
+    with store as cursor:
         cursor.execute(sql, params)
-    except BaseException as e:
-        connection.close()
-        if isinstance(e, sqlite3.Error):
-            raise _sqlite_error(path, e)
-        raise
-
-    return columns, _Rows(connection, cursor, path)
+    return columns, _Rows(store)
 
 
 class _Rows:
     """The rows of an export query, fetched a thousand at a time; :meth:`close` (also at the
     end of the iteration) closes the read-only connection."""
 
-    def __init__(self, connection, cursor, path: str):
-        self.connection, self.cursor, self.path = connection, cursor, path
+    def __init__(self, store: _Store):
+        self.store = store
 
     def __iter__(self):
 
         try:
             while True:
-                batch = self.cursor.fetchmany(1000)
+                batch = self.store.cursor.fetchmany(1000)
                 if not batch:
                     return
                 yield from batch
-        except sqlite3.Error as e:
-            raise _sqlite_error(self.path, e)
+        except self.store.errors as e:
+            raise self.store.fail(e) from None
         finally:
             self.close()
 
     def close(self) -> None:
-        self.connection.close()
+        self.store.close()
 
 
 def write_export(stream, columns, rows, fmt: str) -> int:
@@ -265,9 +368,8 @@ def write_export(stream, columns, rows, fmt: str) -> int:
 
 
 def cmd_db_export(args) -> int:
-    path = resolve_db(args.db or args.db_parent)
     fmt = "csv" if args.csv else "jsonl"
-    columns, rows = export_rows(path, since=args.since, model=args.model)
+    columns, rows = export_rows(_target(args), since=args.since, model=args.model)
     if not args.out or args.out == "-":
         try:
             write_export(sys.stdout, columns, rows, fmt)
@@ -383,7 +485,11 @@ def import_jsonl(db_path: str, jsonl_path: str, progress: Progress | None = None
 
 
 def cmd_db_import(args) -> int:
-    db_path = resolve_db(args.db or args.db_parent)
+    db_path = _target(args)
+    if is_url(db_path):
+        raise CliError(f"ccp: db import loads a SQLite store only, not {database_location(db_path)}"
+                       " (the team's daemons fill a PostgreSQL store): give the file with "
+                       "--db PATH")
     if not os.path.exists(args.jsonl):
         raise CliError(f"ccp: {args.jsonl}: no such file")
     if os.path.isdir(args.jsonl):
@@ -406,25 +512,34 @@ def use_tty(stream) -> bool:
         return False
 
 
-def _add_db_option(parser, dest: str, suppress: bool = False) -> None:
-    parser.add_argument("--db", metavar="PATH", dest=dest,
-                        help=argparse.SUPPRESS if suppress else
-                        f"the store file (default: ${DB_ENV} or {DEFAULT_DB})")
+def _add_db_option(parser, suffix: str = "") -> None:
+    """``--db`` and ``--url``, before the subcommand (``suffix="_parent"``) or after it."""
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--db", metavar="PATH", dest="db" + suffix,
+                     help=f"the SQLite store file (default: ${DB_ENV} or {DEFAULT_DB}, unless "
+                          f"${URL_ENV} is set)")
+    how.add_argument("--url", metavar="URL", dest="url" + suffix,
+                     help="a PostgreSQL store (team mode), "
+                          f"postgresql://user[:password]@host[:port]/database (default: "
+                          f"${URL_ENV})")
 
 
 def add_db_parser(sub) -> None:
     p = sub.add_parser(
-        "db", help="the SQLite store: status, export, import",
-        description="Work on ccpd's SQLite store file directly (also while ccpd runs). The "
-                    f"file is --db, else ${DB_ENV}, else {DEFAULT_DB}.")
-    _add_db_option(p, "db_parent")
-    p.set_defaults(func=lambda args: _db_usage(p), db=None)
+        "db", help="the store: status, export, import",
+        description="Work on ccpd's store directly (also while ccpd runs): the SQLite file "
+                    f"--db, or the PostgreSQL database --url, else ${URL_ENV}, else "
+                    f"${DB_ENV}, else {DEFAULT_DB}. A URL is shown without its password.")
+    _add_db_option(p, "_parent")
+    p.set_defaults(func=lambda args: _db_usage(p), db=None, url=None)
     dsub = p.add_subparsers(dest="db_command", metavar="COMMAND")
 
     s = dsub.add_parser("status", help="size, schema version, row counts, newest sample",
-                        description="Show the store's file size, schema version, row counts, "
-                                    "newest sample and number of models. Opens it read-only.")
-    _add_db_option(s, "db")
+                        description="Show the store's size, schema version, row counts, "
+                                    "newest sample and number of models, and on PostgreSQL "
+                                    "the samples of each instance (each daemon of the team). "
+                                    "Opens it read-only.")
+    _add_db_option(s)
     s.add_argument("--json", action="store_true", help="print the same as JSON")
     s.set_defaults(func=cmd_db_status)
 
@@ -433,7 +548,7 @@ def add_db_parser(sub) -> None:
                                     "header) or as JSON lines (one object per row, which "
                                     "`ccp db import` and ccp-agg read back). Opens the store "
                                     "read-only.")
-    _add_db_option(e, "db")
+    _add_db_option(e)
     fmt = e.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--csv", action="store_true", help="CSV, header first")
     fmt.add_argument("--jsonl", action="store_true", help="one JSON object per line")
@@ -450,8 +565,9 @@ def add_db_parser(sub) -> None:
                                     "skipped, so importing twice adds nothing; lines that are "
                                     "not samples (a torn last line) are skipped and counted. "
                                     "Only FILE is read: import rotated files (usage.jsonl.1, "
-                                    "...) with one command each.")
-    _add_db_option(i, "db")
+                                    "...) with one command each. SQLite only: a PostgreSQL "
+                                    "store is the team's quota ledger, filled by its daemons.")
+    _add_db_option(i)
     i.add_argument("--jsonl", metavar="FILE", required=True, help="the file to import")
     i.add_argument("--progress", action="store_true",
                    help="show the progress line on stderr even when it is not a terminal "

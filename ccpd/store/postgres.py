@@ -7,8 +7,6 @@ This module is imported only when a URL is configured: a single workstation neve
 """
 from __future__ import annotations
 
-import functools
-
 import psycopg
 from twisted.application import service
 from twisted.enterprise import adbapi
@@ -18,36 +16,13 @@ from zope.interface import implementer
 from ccpd.config import database_location
 from ccpd.store import queries
 from ccpd.store.interface import IStore
+from ccpd.store.queries import PostgresCursor
 from ccpd.store.schema import LATEST, POSTGRESQL, migrate
 
 log = Logger()
 
 CONNECT_TIMEOUT_S = 5
 POOL_MAX = 3   # the sample writer, the team ledger's reads and the rest (roller, API queries)
-
-
-@functools.lru_cache(maxsize=None)
-def _placeholders(sql: str) -> str:
-    """The store's SQL (sqlite3's ``?``) in psycopg's paramstyle (``%s``); none of it has ``%``."""
-    return sql.replace("?", "%s")
-
-
-class PostgresCursor:
-    """A psycopg cursor that takes the ``?`` placeholders of :mod:`ccpd.store.queries`."""
-
-    dialect = POSTGRESQL
-
-    def __init__(self, cursor):
-        self._cursor = cursor
-
-    def execute(self, sql: str, args=None):
-        return self._cursor.execute(_placeholders(sql), args)
-
-    def executemany(self, sql: str, rows):
-        return self._cursor.executemany(_placeholders(sql), rows)
-
-    def __getattr__(self, name):
-        return getattr(self._cursor, name)
 
 
 def _in_transaction(connection, function, *args):

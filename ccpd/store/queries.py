@@ -9,6 +9,7 @@ read every sample up to ``seq`` N will never find a later-committed one below N
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import defaultdict
@@ -37,6 +38,30 @@ _READING_COLUMNS = ("lane, plan_window, utilization, reset_at, status, observed_
 
 def is_postgresql(cursor) -> bool:
     return getattr(cursor, "dialect", None) == "postgresql"
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholders(sql: str) -> str:
+    """The store's SQL (sqlite3's ``?``) in psycopg's paramstyle (``%s``); none of it has ``%``."""
+    return sql.replace("?", "%s")
+
+
+class PostgresCursor:
+    """A psycopg cursor that takes the ``?`` placeholders of :mod:`ccpd.store.queries`."""
+
+    dialect = "postgresql"
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def execute(self, sql: str, args=None):
+        return self._cursor.execute(_placeholders(sql), args)
+
+    def executemany(self, sql: str, rows):
+        return self._cursor.executemany(_placeholders(sql), rows)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
 
 
 def sample_row(record: dict, instance: str = "") -> tuple:

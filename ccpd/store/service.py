@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ccpd.config import StoreConfig
+from ccpd.config import StoreConfig, database_error
 from ccpd.store import queries
 from ccpd.store.roller import Roller
 from ccpd.store.schema import LATEST, POSTGRESQL, migrate
@@ -51,10 +51,6 @@ def recover_from_log(cursor, usage_log: str, since: float,
     return inserted, oldest
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 class StoreService(service.MultiService):
     """``ready`` fires once the store is migrated and recovered."""
 
@@ -79,6 +75,7 @@ class StoreService(service.MultiService):
         self.ready: defer.Deferred | None = None
         self.started_at: float | None = None
         self.team_position: int | None = None  # shared store: the seq the windows hold up to
+        self._pause: defer.Deferred | None = None  # shared store: waiting to try the start again
 
     def startService(self):
         self.started_at = self.clock.seconds()
@@ -91,9 +88,12 @@ class StoreService(service.MultiService):
         """Recover, then start the roller; a failed recovery is logged, and the roller, the
         cooldown saving and the request path go on without it."""
         try:
-            await self._store_ready()
-            if self.config.persist and self.running:
-                await self._recover()
+            if self.config.team:
+                await self._join_team()
+            else:
+                await self.store.ready
+                if self.config.persist and self.running:
+                    await self._recover()
         except Exception:  # noqa: BLE001 - the daemon serves on; usage.jsonl has every line
             log.failure("store start-up recovery failed; samples still go to usage.jsonl and "
                         "will be recovered at the next start")
@@ -102,23 +102,26 @@ class StoreService(service.MultiService):
             if self.running:
                 self.roller.setServiceParent(self)
 
-    async def _store_ready(self) -> None:
-        """The store migrated; a shared one is tried again until it answers."""
+    async def _join_team(self) -> None:
+        """A shared store: migrated, recovered and restored, tried again until the database
+        answers (the daemon serves on its own view meanwhile; a stop ends the waiting)."""
         delay = START_RETRY_FIRST_S
-        while True:
+        while self.running:
             try:
                 await self.store.ready
+                await self._recover()
                 return
-            except Exception as e:
-                if not self.config.team or not self.running:
-                    raise
-                log.error("store {location} not reachable at start ({error}); serving on "
-                          "this daemon's own view, trying again in {delay:g}s",
-                          location=self.store.location, error=_first_line(e), delay=delay)
-            await deferLater(self.clock, delay)
+            except Exception as e:  # noqa: BLE001 - told, and tried again
+                log.error("store {location}: start-up failed ({error}); serving on this "
+                          "daemon's own view, trying again in {delay:g}s",
+                          location=self.store.location, error=database_error(self.config.url, e),
+                          delay=delay)
+            self._pause = deferLater(self.clock, delay)
+            try:
+                await self._pause
+            except defer.CancelledError:
+                return
             delay = min(START_RETRY_S, delay * 2)
-            if not self.running:
-                raise defer.CancelledError("stopped before the store answered")
             self.store.ready = self.store.run(migrate, LATEST, POSTGRESQL)
 
     async def _recover(self) -> None:
@@ -171,6 +174,8 @@ class StoreService(service.MultiService):
         progress finish, then the store closes (closing joins its thread: nothing may be
         running in it then, or the reactor would wait)."""
         service.Service.stopService(self)
+        if self._pause is not None:
+            self._pause.cancel()  # no-op once it has fired
         yield self.writer.stopService()
         if self.roller.running:
             yield self.roller.stopService()
