@@ -84,7 +84,7 @@ class TeamLedger(service.Service):
         self.reads += 1
         self._reading = True
         waiters, self._waiting = self._waiting, []
-        d = self.stores.store.read(queries.team_news, self.position, self.instance,
+        d = self.stores.store.run(queries.team_news, self.position, self.instance,
                                   self.clock.seconds(), self.readings_seen)
         d.addTimeout(SYNC_TIMEOUT_S, self.clock)
         d.addCallbacks(self._apply, self._failed)

@@ -30,15 +30,15 @@ def _in_transaction(connection, function, *args):
         return function(PostgresCursor(cursor), *args)
 
 
-def _one_statement(connection, function, *args):
+def _statements(connection, function, *args):
     with connection.cursor() as cursor:
         return function(PostgresCursor(cursor), *args)
 
 
 def _autocommit(connection) -> None:
-    """Connections are in autocommit mode: a one-statement read is one round trip (no BEGIN
-    and COMMIT: on this machine ~0.15 ms each); :meth:`PostgresStore.run` opens a
-    transaction itself."""
+    """Connections are in autocommit mode: a statement that needs no transaction around it is
+    one round trip (no BEGIN and COMMIT: on this machine ~0.15 ms each);
+    :meth:`PostgresStore.run` opens a transaction where one is needed."""
     connection.autocommit = True
 
 
@@ -96,16 +96,14 @@ class PostgresStore(service.Service):
             self.pool = None
 
     def run(self, function, *args):
-        """``function(cursor, *args)`` in one transaction; again on a new connection while it
-        fails for a lost connection (after a server restart every pooled connection is dead
-        until used: up to ``POOL_MAX`` of them). Every function of
-        :mod:`ccpd.store.queries` is safe to repeat."""
-        return self._run(_in_transaction, function, args, POOL_MAX)
-
-    def read(self, function, *args):
-        """As :meth:`run` for a ``function`` that runs one statement: without a transaction
-        around it (a statement sees one snapshot anyway), one round trip."""
-        return self._run(_one_statement, function, args, POOL_MAX)
+        """``function(cursor, *args)`` in one transaction — or without one, one round trip
+        less each side, when it says ``needs_transaction = False`` (a statement is whole on
+        its own, and sees one snapshot); again on a new connection while it fails for a lost
+        connection (after a server restart every pooled connection is dead until used: up
+        to ``POOL_MAX`` of them). Every function of :mod:`ccpd.store.queries` is safe to
+        repeat."""
+        how = _in_transaction if getattr(function, "needs_transaction", True) else _statements
+        return self._run(how, function, args, POOL_MAX)
 
     def _run(self, how, function, args, retries: int):
         d = self.pool.runWithConnection(how, function, *args)

@@ -107,15 +107,44 @@ def sample_row_of(line, instance: str = "") -> tuple | None:
         return None
 
 
+# PostgreSQL types of the sample columns: VALUES rows in a SELECT take no type from the table
+_PG_TYPES = {"ts": "float8", "dirty_s": "float8", "stream_s": "float8", "ttft_ms": "float8",
+             "warn_pct_auto": "float8", "gap_seconds_p50": "float8", "gap_seconds_p95": "float8",
+             "input_tokens": "int8", "output_tokens": "int8",
+             "cache_creation_input_tokens": "int8", "cache_read_input_tokens": "int8",
+             "status": "int4", "gap_samples": "int4", "h2": "int4", "stream": "int4"}
+
+
+PG_INSERT_ROWS = 100  # rows per statement: the statements cached stay small
+
+
+@functools.lru_cache(maxsize=PG_INSERT_ROWS)
+def _postgresql_insert(count: int) -> str:
+    """One statement inserting ``count`` samples under :data:`LEDGER_LOCK`, taken (by the
+    materialised CTE, before any row gets its ``seq``) for the statement's own transaction."""
+    row = "(" + ", ".join(f"?::{_PG_TYPES.get(c, 'text')}" for c in SAMPLE_COLUMNS) + ")"
+    return (f"WITH ledger AS MATERIALIZED (SELECT pg_advisory_xact_lock({LEDGER_LOCK})) "
+            f"INSERT INTO usage_sample ({', '.join(SAMPLE_COLUMNS)}) SELECT v.* FROM "
+            f"(VALUES {', '.join([row] * count)}) AS v, ledger ON CONFLICT DO NOTHING")
+
+
 def insert_samples(cursor, rows: list[tuple]) -> int:
     """Insert rows, ignoring those already stored (same ``(ts, rid)``, on PostgreSQL same
-    ``(instance, ts, rid)``); how many were new."""
-    if not rows:
-        return 0
-    if is_postgresql(cursor):
-        cursor.execute("SELECT pg_advisory_xact_lock(?)", (LEDGER_LOCK,))
-    cursor.executemany(_INSERT_SAMPLE, rows)
-    return cursor.rowcount
+    ``(instance, ts, rid)``); how many were new. On PostgreSQL a statement per
+    :data:`PG_INSERT_ROWS` rows, each whole on its own: no transaction is needed around them
+    (a team's writer sends each sample at once: one round trip)."""
+    if not is_postgresql(cursor):
+        cursor.executemany(_INSERT_SAMPLE, rows)
+        return cursor.rowcount
+    inserted = 0
+    for start in range(0, len(rows), PG_INSERT_ROWS):
+        chunk = rows[start:start + PG_INSERT_ROWS]
+        cursor.execute(_postgresql_insert(len(chunk)), [value for row in chunk for value in row])
+        inserted += cursor.rowcount
+    return inserted
+
+
+insert_samples.needs_transaction = False
 
 
 def query_samples(cursor, since: float, model: str | None, limit: int,
@@ -368,6 +397,9 @@ def team_news(cursor, after_seq: int, instance: str, now: float,
     position, rows, cooldowns, readings = cursor.fetchone()  # JSON arrays, or NULL for none
     return (position, [tuple(row) for row in rows or ()], dict(cooldowns or ()),
             [tuple(row) for row in readings or ()])
+
+
+team_news.needs_transaction = False
 
 
 def database_size(cursor) -> int:
