@@ -8,18 +8,14 @@ This module is imported only when a URL is configured: a single workstation neve
 from __future__ import annotations
 
 import psycopg
-from twisted.application import service
 from twisted.enterprise import adbapi
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from ccpd.config import database_location
 from ccpd.store import queries
-from ccpd.store.interface import IStore
+from ccpd.store.interface import IStore, PooledStore
 from ccpd.store.queries import PostgresCursor
 from ccpd.store.schema import LATEST, POSTGRESQL, migrate
-
-log = Logger()
 
 CONNECT_TIMEOUT_S = 5
 POOL_MAX = 3   # the sample writer, the team ledger's reads and the rest (roller, API queries)
@@ -59,16 +55,13 @@ class _Pool(adbapi.ConnectionPool):
 
 
 @implementer(IStore)
-class PostgresStore(service.Service):
-    name = "store"
+class PostgresStore(PooledStore):
 
     def __init__(self, url: str, instance: str, reactor):
         self.url = url
         self.location = database_location(url)  # what logs and answers may show
         self.instance = instance
         self.reactor = reactor
-        self.pool: adbapi.ConnectionPool | None = None
-        self.ready = None
 
     def startService(self):
         super().startService()
@@ -81,19 +74,6 @@ class PostgresStore(service.Service):
         self.ready = self.run(migrate, LATEST, POSTGRESQL)
         self.ready.addCallback(self._migrated)
         return self.ready
-
-    def _migrated(self, versions):
-        before, after = versions
-        if before != after:
-            log.info("store {location}: schema version {before} -> {after}",
-                     location=self.location, before=before, after=after)
-        return versions
-
-    def stopService(self):
-        super().stopService()
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
 
     def run(self, function, *args):
         """``function(cursor, *args)`` in one transaction — or without one, one round trip

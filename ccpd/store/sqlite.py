@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import os
 
-from twisted.application import service
 from twisted.enterprise import adbapi
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from ccpd.store.interface import IStore
+from ccpd.store.interface import IStore, PooledStore
 from ccpd.store.schema import migrate
-
-log = Logger()
 
 MEMORY = ":memory:"
 
@@ -27,14 +23,10 @@ def _configure(connection) -> None:
 
 
 @implementer(IStore)
-class SQLiteStore(service.Service):
-    name = "store"
-
+class SQLiteStore(PooledStore):
     def __init__(self, path: str, reactor):
-        self.path = path
+        self.path = self.location = path
         self.reactor = reactor
-        self.pool: adbapi.ConnectionPool | None = None
-        self.ready = None
 
     def startService(self):
         super().startService()
@@ -47,19 +39,6 @@ class SQLiteStore(service.Service):
         self.ready = self.pool.runInteraction(migrate)
         self.ready.addCallback(self._migrated)
         return self.ready
-
-    def _migrated(self, versions):
-        before, after = versions
-        if before != after:
-            log.info("store {path}: schema version {before} -> {after}", path=self.path,
-                     before=before, after=after)
-        return versions
-
-    def stopService(self):
-        super().stopService()
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
 
     def run(self, function, *args):
         return self.pool.runInteraction(function, *args)

@@ -374,6 +374,27 @@ async def closed_loop(port: int, raw: bytes, connections: int, seconds: float,
             "rps": round(len(latencies) / elapsed, 1), **summary_ms(latencies)}
 
 
+async def alternating(ports: dict[str, int], requests: int, warmup: int) -> dict[str, list[int]]:
+    """Latency (ns) of ``requests`` POST /v1/messages on one keep-alive connection to each of
+    ``ports`` (name -> port), one request on each in turn, after ``warmup`` rounds: all paths
+    see the same machine state. A non-200 answer stops the run."""
+    conns = {name: await Connection.open(port) for name, port in ports.items()}
+    raws = {name: build_request(port) for name, port in ports.items()}
+    samples: dict[str, list[int]] = {name: [] for name in ports}
+    try:
+        for i in range(warmup + requests):
+            for name in ports:
+                response = await conns[name].request(raws[name])
+                if response.status != 200:
+                    raise RuntimeError(f"{name} answered {response.status}: {response.body!r}")
+                if i >= warmup:
+                    samples[name].append(response.latency_ns)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return samples
+
+
 def _run_cpeer(mode: str, port: int, raw: bytes, connections: int, amount, timeout: float):
     with tempfile.NamedTemporaryFile(prefix="ccpd-bench-request-") as request:
         request.write(raw)

@@ -24,20 +24,7 @@ PATHS = ("direct", "floor", "ccpd")
 
 async def measure_once(stack: h.Stack, requests: int, warmup: int) -> dict:
     ports = {"direct": stack.direct_port, "floor": stack.floor_port, "ccpd": stack.proxy_port}
-    conns = {name: await h.Connection.open(port) for name, port in ports.items()}
-    raws = {name: h.build_request(port) for name, port in ports.items()}
-    samples: dict[str, list[int]] = {name: [] for name in PATHS}
-    try:
-        for i in range(warmup + requests):
-            for name in PATHS:
-                response = await conns[name].request(raws[name])
-                if response.status != 200:
-                    raise RuntimeError(f"{name} answered {response.status}: {response.body!r}")
-                if i >= warmup:
-                    samples[name].append(response.latency_ns)
-    finally:
-        for conn in conns.values():
-            conn.close()
+    samples = await h.alternating(ports, requests, warmup)
     run = {name: h.summary_ms(samples[name]) for name in PATHS}
     for name in ("floor", "ccpd"):
         run[f"{name}_added"] = {k: round(run[name][k] - run["direct"][k], 3)

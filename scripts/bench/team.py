@@ -51,20 +51,7 @@ def cpu_of(pids) -> float:
 async def latency(stacks: dict, requests: int, warmup: int) -> dict:
     ports = {"direct": stacks["sqlite"].direct_port,
              **{name: stack.proxy_port for name, stack in stacks.items()}}
-    conns = {name: await h.Connection.open(port) for name, port in ports.items()}
-    raws = {name: h.build_request(port) for name, port in ports.items()}
-    samples = {name: [] for name in ports}
-    try:
-        for i in range(warmup + requests):
-            for name in ports:
-                response = await conns[name].request(raws[name])
-                if response.status != 200:
-                    raise RuntimeError(f"{name} answered {response.status}: {response.body!r}")
-                if i >= warmup:
-                    samples[name].append(response.latency_ns)
-    finally:
-        for conn in conns.values():
-            conn.close()
+    samples = await h.alternating(ports, requests, warmup)
     direct = h.summary_ms(samples["direct"])
     return {name: {f"added_{k}": round(h.summary_ms(samples[name])[k] - direct[k], 3)
                    for k in ("p50_ms", "p99_ms")} for name in PATHS}
