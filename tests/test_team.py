@@ -145,6 +145,9 @@ async def test_a_daemon_serves_on_its_own_view_while_the_database_is_away(team, 
         assert code == 200  # served all the same
     code, ready = await get(bob, "/readyz")
     assert ready["team"]["ledger"] == "local" and ready["degraded"] is True
+    code, answer = await get(bob, "/v1/usage/samples")  # the history is in the database
+    assert code == 503 and answer["error"]["type"] == "api_error"
+    assert "which does not answer" in answer["error"]["message"]
     assert ready["team"]["error"] and ready["team"]["local_since"] is not None
     assert ready["team"]["store"] == f"postgresql://ccpd@127.0.0.1:{postgres.port}/" \
                                      f"{postgres.name}"
@@ -177,6 +180,9 @@ async def test_a_daemon_started_while_the_database_is_down_serves_and_joins_late
         assert code == 200
         _, ready = await get(ccpd, "/readyz")
         assert ready["team"]["ledger"] == "local" and ready["degraded"] is True
+        code, answer = await get(ccpd, "/v1/usage/rollups")  # answered at once, not held
+        assert code == 503 and "has not answered since ccpd started" in \
+            answer["error"]["message"]
         postgres.server.start()
         # tried again 1 s later, then 2 s: migrated, recovered, reading the team's usage
         await until(lambda: ccpd.service.getServiceNamed("team-ledger").up, timeout=10)

@@ -25,7 +25,6 @@ class Roller(TimerService):
         super().__init__(interval_s, self.tick)
         self.interval_s = interval_s
         self.team = team
-        self.skipped = 0  # team mode: ticks another daemon's roller had done already
         self.store = store
         self.metrics = metrics
         self.retention_days = retention_days
@@ -47,10 +46,8 @@ class Roller(TimerService):
         started = time.perf_counter()
         try:
             if self.team:
-                done = yield self.store.run(roll_for_team, since, now, self.retention_days,
-                                            self.interval_s, marked is not None and
-                                            marked < now - HOUR)
-                self.skipped += done is None
+                yield self.store.run(roll_for_team, since, now, self.retention_days,
+                                     self.interval_s, marked is not None and marked < now - HOUR)
             else:
                 yield self.store.run(roll, since, now)
                 yield self.store.run(trim, now, self.retention_days)

@@ -4,8 +4,8 @@ A sample leaves the queue only once its batch is committed. A failing write is c
 (``ccp_store_write_errors_total``), logged and retried with a growing delay; the proxy never
 waits and never sees the error. On a shared store (team mode) samples are written at once,
 not gathered for ``FLUSH_DELAY_S``: they are the team's quota ledger, and a write that fails
-is tried again within ``TEAM_RETRY_MAX_S``. What a crash loses from the queue is recovered at the next
-start from ``usage.jsonl`` (see :mod:`ccpd.store.service`).
+is tried again within ``TEAM_RETRY_MAX_S``. What a crash loses from the queue is recovered at
+the next start from ``usage.jsonl`` (see :mod:`ccpd.store.service`).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from ccpd import jsonparse
+from ccpd.config import database_error
 from ccpd.quotas import QuotaError
 from ccpd.store import queries
 from ccpd.usage import TokenUsage
@@ -141,6 +142,10 @@ def _internal_error(request, failure) -> bytes | None:
     return error_response(request, 500, "api_error", "internal error in ccpd; see its log")
 
 
+class StoreAway(Exception):
+    """Team mode: the shared store does not answer (not joined yet, or away)."""
+
+
 class CcpdApp:
     app = Klein()
 
@@ -245,8 +250,16 @@ class CcpdApp:
         return scope, store.instance if scope == "instance" and store.team else None
 
     async def _query(self, function, *args):
-        await self.store.ready  # answers wait for the start-up recovery, never miss rows
-        return await self.store.store.run(function, *args)
+        if not self.config.store.team:
+            await self.store.ready  # answers wait for the start-up recovery, never miss rows
+            return await self.store.store.run(function, *args)
+        # a shared store may be away for long: say so instead of waiting for it
+        if not self.store.ready.called:
+            raise StoreAway("the team's store has not answered since ccpd started")
+        try:
+            return await self.store.store.run(function, *args)
+        except Exception as e:
+            raise StoreAway(database_error(self.config.store.url, e)) from None
 
     def _admin_only(self, request) -> bytes | None:
         """None when the request may change state, else the 401 answer."""
@@ -320,6 +333,13 @@ class CcpdApp:
     def not_found(self, request, failure):
         return error_response(request, 404, "not_found_error",
                               f"ccpd has no route for {request.path.decode('latin-1')}")
+
+    @app.handle_errors(StoreAway)
+    def store_away(self, request, failure):
+        return error_response(request, 503, "api_error",
+                              f"ccpd's history is in the team's store at "
+                              f"{self.store.store.location}, which does not answer "
+                              f"({failure.value}); the proxy serves meanwhile")
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request, failure):
