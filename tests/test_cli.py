@@ -77,6 +77,15 @@ def test_rows_sorted_by_model_name_and_header_line(body):
     assert "cooldown 300s" in first
     assert header_cells(text).split()[:2] == ["MODEL", "ROLLING"]
     assert "ROLLING 5h" in header_cells(text)
+    assert "team" not in first  # single mode: nothing about a team
+
+
+def test_header_says_whether_decisions_see_the_team(body):
+    shared = {**body, "team": {"instance": "alice", "ledger": "shared", "error": None}}
+    assert "|  team alice: shared  |" in format_status(shared).splitlines()[0]
+    away = {**body, "team": {"instance": "alice", "ledger": "local",
+                             "error": "connection refused"}}
+    assert "team alice: OWN VIEW (connection refused)" in format_status(away).splitlines()[0]
 
 
 def test_block_state_and_colours(body):

@@ -295,6 +295,11 @@ def format_header(body: dict, url: str | None = None) -> str:
     parts.append(f"reroute {_text(body.get('reroute_mode')) or DASH}")
     cooldown = _num(body.get("cooldown_sec"))
     parts.append(f"cooldown {fmt_seconds(cooldown)}")
+    team = _obj(body.get("team"))
+    if team:  # team mode: decisions on the team's usage, or on this daemon's own
+        shared = team.get("ledger") == "shared"
+        parts.append(f"team {_text(team.get('instance')) or DASH}: "
+                     + ("shared" if shared else f"OWN VIEW ({_text(team.get('error')) or DASH})"))
     ts = _num(body.get("ts"))
     if ts is not None:
         parts.append(f"as of {fmt_local_time(ts)}")
