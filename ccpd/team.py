@@ -87,7 +87,8 @@ class TeamLedger(service.Service):
         d = self.stores.store.run(queries.team_news, self.position, self.instance,
                                   self.clock.seconds(), self.readings_seen)
         d.addTimeout(SYNC_TIMEOUT_S, self.clock)
-        d.addCallbacks(self._apply, self._failed)
+        d.addCallback(self._apply)
+        d.addErrback(self._failed)  # also what _apply could not count: told, own view
         d.addBoth(self._done, waiters)
 
     def _apply(self, news) -> None:
