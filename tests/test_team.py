@@ -15,7 +15,7 @@ import pytest_twisted
 import treq
 
 from ccpd.config import ConfigError, config_from_string
-from tests.support import (MESSAGE, ccpd_ini, post, read_jsonl, start_loopback_ccpd, until)
+from tests.support import MESSAGE, ccpd_ini, post, start_loopback_ccpd, until
 
 SOLO = {**MESSAGE, "model": "glm-solo"}   # lane zai only: blocked when its plan is used up
 GLM = {**MESSAGE, "model": "glm-4.6"}     # lane zai, rerouted to anthropic

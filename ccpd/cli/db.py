@@ -17,7 +17,6 @@ would race the team's roller). Stdlib only on SQLite, like :mod:`ccpd.cli`.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os

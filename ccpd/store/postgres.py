@@ -56,6 +56,7 @@ class _Pool(adbapi.ConnectionPool):
 
 @implementer(IStore)
 class PostgresStore(PooledStore):
+    errors = (psycopg.Error, adbapi.ConnectionLost)  # what a database away fails with
 
     def __init__(self, url: str, instance: str, reactor):
         self.url = url

@@ -258,7 +258,7 @@ class CcpdApp:
             raise StoreAway("the team's store has not answered since ccpd started")
         try:
             return await self.store.store.run(function, *args)
-        except Exception as e:
+        except self.store.store.errors as e:
             raise StoreAway(database_error(self.config.store.url, e)) from None
 
     def _admin_only(self, request) -> bytes | None:

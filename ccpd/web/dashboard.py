@@ -12,6 +12,7 @@ next load) and ``x-content-type-options: nosniff``.
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 # The only files served, with their content types: anything else is a 404.
@@ -33,18 +34,12 @@ _HEADERS = (
     (b"x-frame-options", b"DENY"),
 )
 
-_cache: dict[str, bytes] = {}
-
-
+@functools.cache
 def asset_bytes(name: str) -> bytes:
     """The content of one of :data:`ASSETS` (read once); KeyError for any other name."""
     if name not in ASSETS:
         raise KeyError(name)
-    content = _cache.get(name)
-    if content is None:
-        content = (resources.files("ccpd.web") / "static" / name).read_bytes()
-        _cache[name] = content
-    return content
+    return (resources.files("ccpd.web") / "static" / name).read_bytes()
 
 
 def serve(request, name: str) -> bytes | None:
